@@ -1,0 +1,197 @@
+"""The `fsm-hub` command. Every error the user can cause ends as one line on stderr."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from fsm_hub.errors import FsmHubError
+from fsm_hub.events import StoredEvent, parse_time
+from fsm_hub.store import EventLog, default_db_path
+from fsm_hub.view import InstanceView, fold
+
+app = typer.Typer(
+    name="fsm-hub",
+    help="One MCP endpoint for all your local dev servers, every connection an audited FSM.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DbOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--db",
+        help="Event log file (default: $FSM_HUB_DB, else $XDG_STATE_HOME/fsm-hub/events.db).",
+        show_default=False,
+    ),
+]
+T = TypeVar("T")
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"fsm-hub: {message}", err=True)
+    return typer.Exit(code)
+
+
+def run(action: Callable[[], T]) -> T:
+    """Turn our errors (and SQLite's) into one line on stderr and exit 1."""
+    try:
+        return action()
+    except FsmHubError as exc:
+        raise fail(str(exc)) from None
+    except sqlite3.Error as exc:
+        raise fail(f"event log error: {exc}") from None
+    except OSError as exc:
+        raise fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
+
+
+def open_log(db: Path | None) -> EventLog:
+    return EventLog.open(db if db is not None else default_db_path())
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def describe(event: StoredEvent) -> tuple[str, str, str]:
+    """(event, from → to, reason) columns for one stored event."""
+    data: dict[str, Any] = event.data
+    if event.type == "transition":
+        reason = data.get("reason") or ""
+        if data.get("error"):
+            reason = f"{reason}: {data['error']}" if reason else str(data["error"])
+        return data.get("event", "?"), f"{data.get('from')} → {data.get('to')}", reason
+    if event.type == "instance_discovered":
+        detail = f"port {data.get('port')}, pid {data.get('pid')}, {data.get('url')}"
+        return event.type, "", detail
+    if event.type in ("session_connected", "session_disconnected"):
+        return event.type, "", f"session {data.get('session_id')} {data.get('reason') or ''}"
+    return event.type, "", ", ".join(f"{k}={v}" for k, v in data.items() if v is not None)
+
+
+@app.command()
+def history(
+    instance: Annotated[str, typer.Argument(help="Instance id, unique id prefix, name, or 'hub'.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the stored events as JSON.")] = False,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Keep only the most recent N events.")
+    ] = None,
+    db: DbOption = None,
+) -> None:
+    """Show one instance's recorded events in order: why it is in the state it is in."""
+
+    def show() -> None:
+        with open_log(db) as log:
+            stream = log.resolve(instance)
+            events = list(log.events(stream=stream, last=limit))
+        if as_json:
+            typer.echo(json.dumps([e.to_json() for e in events], indent=2, ensure_ascii=False))
+            return
+        rows = [(e.at, *describe(e)) for e in events]
+        typer.echo(table(("TIME", "EVENT", "FROM → TO", "REASON"), rows))
+
+    run(show)
+
+
+@app.command()
+def instances(
+    at: Annotated[
+        str | None,
+        typer.Option("--at", help="Show the view as it was at this ISO 8601 moment (naive = UTC)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
+    db: DbOption = None,
+) -> None:
+    """List every known instance with its current (or past) state."""
+
+    def show() -> None:
+        try:
+            moment = parse_time(at) if at else None
+        except ValueError:
+            raise fail(f"--at: {at!r} is not an ISO 8601 time") from None
+        with open_log(db) as log:
+            view = fold(log.events(until=moment))
+        listed = sorted(view.instances.values(), key=lambda i: (i.name, i.id))
+        if as_json:
+            typer.echo(json.dumps([i.to_json() for i in listed], indent=2, ensure_ascii=False))
+            return
+        typer.echo(table(("ID", "NAME", "STATE", "SINCE", "PORT", "RETRIES", "LAST ERROR"),
+                         [_instance_row(i) for i in listed]))
+
+    run(show)
+
+
+def _instance_row(instance: InstanceView) -> tuple[str, ...]:
+    return (
+        instance.id,
+        instance.name,
+        instance.state,
+        instance.since,
+        str(instance.port or ""),
+        str(instance.retry_count),
+        instance.last_error or "",
+    )
+
+
+@app.command()
+def replay(
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Check every transition and stream; exit 1 if any fail.")
+    ] = False,
+    db: DbOption = None,
+) -> None:
+    """Fold the whole log and print counts per event type and per state."""
+    from fsm_hub.replay import audit
+
+    def check() -> None:
+        with open_log(db) as log:
+            result = audit(log.events())
+        assert result.view is not None
+        typer.echo(f"events: {result.events}")
+        typer.echo(table(("TYPE", "COUNT"), sorted((t, str(n)) for t, n in result.by_type.items())))
+        states = result.view.count_by_state()
+        typer.echo(table(("STATE", "INSTANCES"), sorted((s, str(n)) for s, n in states.items())))
+        if verify:
+            for violation in result.violations:
+                typer.echo(f"violation: {violation}", err=True)
+            if result.violation_count:
+                raise fail(f"{result.violation_count} violation(s) in {result.events} events")
+            typer.echo("verified: every stream gapless, every transition legal")
+
+    run(check)
+
+
+@app.command()
+def diagram(
+    fmt: Annotated[
+        str, typer.Option("--format", help="mermaid or dot (Graphviz).")
+    ] = "mermaid",
+) -> None:
+    """Print the instance state machine as a diagram."""
+    from statemachine.contrib.diagram import formatter
+
+    from fsm_hub.machine import InstanceMachine
+
+    if fmt not in ("mermaid", "dot"):
+        raise fail(f"--format must be mermaid or dot, not {fmt!r}")
+    typer.echo(formatter.render(InstanceMachine, fmt).rstrip("\n"))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        app(args=list(argv) if argv is not None else None)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,64 @@
+"""The one exception hierarchy of fsm-hub; the CLI turns any of these into one line on stderr."""
+
+from __future__ import annotations
+
+
+class FsmHubError(Exception):
+    """Base of every error fsm-hub raises on purpose."""
+
+
+class StoreError(FsmHubError):
+    """The event log cannot be opened or written."""
+
+
+class NotAnEventLog(StoreError):
+    """The file is not an fsm-hub event log (garbage, or another program's SQLite db)."""
+
+
+class SchemaTooNew(StoreError):
+    """The event log was written by a newer fsm-hub."""
+
+
+class ConcurrencyError(StoreError):
+    """An append conflicted with an event already at that stream version."""
+
+
+class IllegalTransition(FsmHubError):
+    """An event was sent that the instance's current state does not allow."""
+
+
+class UnknownInstance(FsmHubError):
+    """No instance matches the given id, prefix or name."""
+
+
+class AmbiguousInstance(FsmHubError):
+    """More than one instance matches the given prefix or name."""
+
+
+class McpError(FsmHubError):
+    """A JSON-RPC error answered by an MCP server."""
+
+    def __init__(self, code: int, message: str, data: object = None) -> None:
+        super().__init__(f"{message} (JSON-RPC error {code})")
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class TransportError(FsmHubError):
+    """The MCP server could not be reached, timed out, or answered with something unusable."""
+
+
+class SessionExpired(TransportError):
+    """The MCP server no longer knows our session (404, or a 400 about the session)."""
+
+
+class InstanceUnavailable(FsmHubError):
+    """The instance a request is routed to is not active."""
+
+    def __init__(self, instance_id: str, state: str, last_error: str | None) -> None:
+        detail = f"; last error: {last_error}" if last_error else ""
+        super().__init__(f"instance {instance_id} is {state}{detail}")
+        self.instance_id = instance_id
+        self.state = state
+        self.last_error = last_error

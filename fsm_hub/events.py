@@ -1,0 +1,115 @@
+"""Typed, versioned records of everything that happens to an instance or to the hub."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+HUB_STREAM = "hub"
+"""The stream that holds the hub's own events (`hub_started`, `hub_stopped`)."""
+
+EVENT_FORMAT = 1
+"""Version of the event payloads below; bumped with a migration when a payload changes shape."""
+
+
+class EventType(StrEnum):
+    INSTANCE_DISCOVERED = "instance_discovered"
+    """data: name, directory, port, pid, url."""
+    INSTANCE_UPDATED = "instance_updated"
+    """data: the announcement fields that changed (same keys as instance_discovered)."""
+    TRANSITION = "transition"
+    """data: event, from, to, reason, attempt, error."""
+    SESSION_CONNECTED = "session_connected"
+    """data: session_id. Stored in the instance's stream."""
+    SESSION_DISCONNECTED = "session_disconnected"
+    """data: session_id, reason."""
+    HUB_STARTED = "hub_started"
+    """data: pid, version, instances_dir."""
+    HUB_STOPPED = "hub_stopped"
+    """data: pid, reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event a producer wants appended; the store gives it seq, version and time."""
+
+    stream: str
+    type: EventType
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as committed to the log.
+
+    `data_json` is kept encoded: the fold needs only a handful of payloads, and decoding
+    every row would cap folding far below the rate we need.
+    """
+
+    seq: int
+    """Global position in the log, strictly increasing."""
+    stream: str
+    """Instance id, or `hub`."""
+    version: int
+    """Position within the stream, gapless from 1."""
+    type: str
+    at: str
+    """Commit-request time, UTC ISO 8601 with microseconds (sorts lexically)."""
+    data_json: str
+
+    @property
+    def data(self) -> dict[str, Any]:
+        decoded: dict[str, Any] = json.loads(self.data_json)
+        return decoded
+
+    def to_json(self) -> dict[str, Any]:
+        """The public shape of a stored event (CLI `--json`, MCP `instances_history`)."""
+        return {
+            "seq": self.seq,
+            "stream": self.stream,
+            "version": self.version,
+            "type": self.type,
+            "at": self.at,
+            "data": self.data,
+        }
+
+
+def format_time(moment: datetime) -> str:
+    """The one timestamp format of the log: UTC, microseconds, `+00:00`."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an ISO 8601 moment given by a user; a naive time means UTC."""
+    moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def transition_data(
+    event: str,
+    source: str,
+    target: str,
+    *,
+    reason: str,
+    attempt: int = 0,
+    error: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "event": event,
+        "from": source,
+        "to": target,
+        "reason": reason,
+        "attempt": attempt,
+        "error": error,
+    }
