@@ -128,8 +128,12 @@ def instances(
         if as_json:
             typer.echo(json.dumps([i.to_json() for i in listed], indent=2, ensure_ascii=False))
             return
-        typer.echo(table(("ID", "NAME", "STATE", "SINCE", "PORT", "RETRIES", "LAST ERROR"),
-                         [_instance_row(i) for i in listed]))
+        typer.echo(
+            table(
+                ("ID", "NAME", "STATE", "SINCE", "PORT", "RETRIES", "LAST ERROR"),
+                [_instance_row(i) for i in listed],
+            )
+        )
 
     run(show)
 
@@ -176,9 +180,7 @@ def replay(
 
 @app.command()
 def diagram(
-    fmt: Annotated[
-        str, typer.Option("--format", help="mermaid or dot (Graphviz).")
-    ] = "mermaid",
+    fmt: Annotated[str, typer.Option("--format", help="mermaid or dot (Graphviz).")] = "mermaid",
 ) -> None:
     """Print the instance state machine as a diagram."""
     from statemachine.contrib.diagram import formatter
@@ -188,6 +190,82 @@ def diagram(
     if fmt not in ("mermaid", "dot"):
         raise fail(f"--format must be mermaid or dot, not {fmt!r}")
     typer.echo(formatter.render(InstanceMachine, fmt).rstrip("\n"))
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[::1]:PORT` or `:PORT` (loopback) for `--http`."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise fail(f"--http: {value!r} is not HOST:PORT")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def _positive(name: str, value: float) -> float:
+    if value <= 0:
+        raise fail(f"{name} must be positive, not {value:g}")
+    return value
+
+
+@app.command()
+def serve(
+    mcp: Annotated[bool, typer.Option("--mcp", help="Serve one MCP client over stdio.")] = False,
+    http: Annotated[
+        str | None,
+        typer.Option("--http", metavar="HOST:PORT", help="Also serve MCP over Streamable HTTP at /mcp."),
+    ] = None,
+    instances_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--instances-dir",
+            help="Where instances announce themselves (default: $FSM_HUB_INSTANCES_DIR, else "
+            "$XDG_RUNTIME_DIR/brummer/instances, else <tmp>/brummer/instances).",
+            show_default=False,
+        ),
+    ] = None,
+    allow_remote: Annotated[
+        bool, typer.Option("--allow-remote", help="Accept instance URLs on non-loopback hosts.")
+    ] = False,
+    ping_interval: Annotated[float, typer.Option(help="Seconds between health pings.")] = 5.0,
+    ping_timeout: Annotated[float, typer.Option(help="Seconds a ping may take.")] = 2.0,
+    ping_misses: Annotated[int, typer.Option(min=1, help="Missed pings in a row that mean lost.")] = 3,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds a handshake may take.")] = 5.0,
+    backoff_base: Annotated[float, typer.Option(help="First reconnect backoff ceiling, seconds.")] = 0.5,
+    backoff_cap: Annotated[float, typer.Option(help="Largest reconnect backoff, seconds.")] = 30.0,
+    retry_attempts: Annotated[
+        int, typer.Option(min=1, help="Connect attempts before an instance is dead.")
+    ] = 8,
+    db: DbOption = None,
+) -> None:
+    """Run the hub: discover instances, supervise their connections, serve MCP."""
+    import asyncio
+    import logging
+
+    from fsm_hub.discovery import default_instances_dir
+    from fsm_hub.serve import ServeOptions
+    from fsm_hub.serve import serve as run_hub
+    from fsm_hub.supervisor import Timing
+
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
+    timing = Timing(
+        ping_interval=_positive("--ping-interval", ping_interval),
+        ping_timeout=_positive("--ping-timeout", ping_timeout),
+        ping_misses=ping_misses,
+        connect_timeout=_positive("--connect-timeout", connect_timeout),
+        backoff_base=_positive("--backoff-base", backoff_base),
+        backoff_cap=_positive("--backoff-cap", backoff_cap),
+        retry_attempts=retry_attempts,
+    )
+    options = ServeOptions(
+        db=db if db is not None else default_db_path(),
+        instances_dir=instances_dir if instances_dir is not None else default_instances_dir(),
+        mcp=mcp,
+        http=parse_listen(http) if http else None,
+        allow_remote=allow_remote,
+        timing=timing,
+    )
+    code = run(lambda: asyncio.run(run_hub(options)))
+    raise typer.Exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

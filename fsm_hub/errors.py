@@ -62,3 +62,15 @@ class InstanceUnavailable(FsmHubError):
         self.instance_id = instance_id
         self.state = state
         self.last_error = last_error
+
+
+class DiscoveryError(FsmHubError):
+    """An instance announcement file cannot be used."""
+
+
+class InvalidAnnouncement(DiscoveryError):
+    """The file is not a well-formed announcement (garbage, half-written, wrong types)."""
+
+
+class RefusedAnnouncement(DiscoveryError):
+    """Well-formed, but using it would be unsafe (foreign owner, symlink, size, remote host)."""

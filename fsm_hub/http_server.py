@@ -1,0 +1,267 @@
+"""Streamable HTTP transport (server side, aiohttp): one `Session` per `Mcp-Session-Id`.
+
+Loopback by default. A foreign `Origin` gets 403 and a foreign `Host` 421, as the MCP spec and
+the official SDK do, so a web page cannot drive the hub through DNS rebinding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from fsm_hub.hub import Hub
+from fsm_hub.mcp_server import (
+    INVALID_REQUEST,
+    Session,
+    error_response,
+    parse_error,
+    request_emit,
+)
+
+log = logging.getLogger(__name__)
+
+SESSION_HEADER = "Mcp-Session-Id"
+_JSON = "application/json"
+_SSE = "text/event-stream"
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def split_host(value: str) -> str:
+    """The host part of a `Host` header value (`[::1]:8080` → `::1`)."""
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+@dataclass(slots=True)
+class HttpSession:
+    session: Session
+    outbox: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    streams: int = 0
+
+
+class HttpEndpoint:
+    """Serves `/mcp` for many clients; `token` (for the hub's private endpoint) is required if set."""
+
+    def __init__(self, hub: Hub, host: str = "127.0.0.1", port: int = 0, *, token: str | None = None) -> None:
+        self.hub = hub
+        self.host = host
+        self.port = port
+        self.token = token
+        self.sessions: dict[str, HttpSession] = {}
+        self._runner: web.AppRunner | None = None
+        self._streams: set[web.StreamResponse] = set()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/mcp"
+
+    async def start(self) -> str:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/mcp", self._post)
+        app.router.add_get("/mcp", self._get)
+        app.router.add_delete("/mcp", self._delete)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        if self.port == 0:
+            self.port = int(self._runner.addresses[0][1])
+        return self.url
+
+    async def stop(self, reason: str = "hub stopped") -> None:
+        for entry in list(self.sessions.values()):
+            await entry.session.close(reason)
+        self.sessions.clear()
+        for stream in list(self._streams):
+            with contextlib.suppress(Exception):
+                await stream.write_eof()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- checks -----------------------------------------------------------------------------
+
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        host_header = request.headers.get("Host", "")
+        if not is_loopback(split_host(host_header)) and not self._is_own_host(host_header):
+            return web.json_response(
+                error_response(None, INVALID_REQUEST, f"Misdirected request: Host {host_header!r}"),
+                status=421,
+            )
+        origin = request.headers.get("Origin")
+        if origin is not None and not is_loopback(urlsplit(origin).hostname or ""):
+            return web.json_response(
+                error_response(None, INVALID_REQUEST, f"Forbidden: Origin {origin!r}"), status=403
+            )
+        if self.token is not None:
+            given = request.headers.get("Authorization", "")
+            if not secrets.compare_digest(given, f"Bearer {self.token}"):
+                return web.json_response(error_response(None, INVALID_REQUEST, "Unauthorized"), status=401)
+        return None
+
+    def _is_own_host(self, host_header: str) -> bool:
+        """When bound to a non-loopback address on purpose, that address is our own Host."""
+        return not is_loopback(self.host) and split_host(host_header) == self.host
+
+    def _session(self, request: web.Request) -> HttpSession | web.Response:
+        session_id = request.headers.get(SESSION_HEADER)
+        if not session_id:
+            return web.json_response(
+                error_response(None, INVALID_REQUEST, f"Bad Request: missing {SESSION_HEADER} header"),
+                status=400,
+            )
+        entry = self.sessions.get(session_id)
+        if entry is None:
+            return web.json_response(error_response(None, INVALID_REQUEST, "Session not found"), status=404)
+        return entry
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    async def _post(self, request: web.Request) -> web.StreamResponse:
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
+        body = await request.read()
+        try:
+            message = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return web.json_response(parse_error(), status=400)
+        if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
+            entry = self._new_session()
+        else:
+            found = self._session(request)
+            if isinstance(found, web.Response):
+                return found
+            entry = found
+        headers = {SESSION_HEADER: entry.session.id}
+        if not _has_request(message):
+            await entry.session.handle(message)
+            return web.Response(status=202, headers=headers)
+        if _wants_progress(message) and _SSE in request.headers.get("Accept", ""):
+            return await self._answer_as_stream(request, entry, message, headers)
+        answer = await entry.session.handle(message)
+        if answer is None:  # cancelled by the client
+            return web.Response(status=202, headers=headers)
+        return web.Response(body=json.dumps(answer).encode(), content_type=_JSON, headers=headers)
+
+    async def _answer_as_stream(
+        self, request: web.Request, entry: HttpSession, message: Any, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={**headers, "Content-Type": _SSE, "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        token = request_emit.set(queue.put_nowait)
+        try:
+            work = asyncio.ensure_future(entry.session.handle(message))
+        finally:
+            request_emit.reset(token)
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait((work, getter), return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                await response.write(_sse(getter.result()))
+            else:
+                getter.cancel()
+            if work.done() and queue.empty():
+                break
+        answer = work.result()
+        if answer is not None:
+            await response.write(_sse(answer))
+        await response.write_eof()
+        return response
+
+    async def _get(self, request: web.Request) -> web.StreamResponse:
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
+        found = self._session(request)
+        if isinstance(found, web.Response):
+            return found
+        if _SSE not in request.headers.get("Accept", ""):
+            return web.Response(status=406, text="GET /mcp needs Accept: text/event-stream")
+        response = web.StreamResponse(
+            headers={SESSION_HEADER: found.session.id, "Content-Type": _SSE, "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        await response.write(b": fsm-hub notifications\n\n")
+        self._streams.add(response)
+        found.streams += 1
+        try:
+            while True:
+                message = await found.outbox.get()
+                await response.write(_sse(message))
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            found.streams -= 1
+            self._streams.discard(response)
+        return response
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
+        found = self._session(request)
+        if isinstance(found, web.Response):
+            return found
+        self.sessions.pop(found.session.id, None)
+        await found.session.close("client ended the session")
+        return web.Response(status=200)
+
+    def _new_session(self) -> HttpSession:
+        session_id = secrets.token_hex(16)
+        entry: HttpSession | None = None
+
+        def emit(message: dict[str, Any]) -> None:
+            if entry is not None and entry.streams:
+                entry.outbox.put_nowait(message)
+
+        entry = HttpSession(Session(self.hub, session_id, emit))
+        self.sessions[session_id] = entry
+        return entry
+
+
+def _has_request(message: Any) -> bool:
+    """Whether the POST needs an answer body (a request, or something invalid to reject)."""
+    if isinstance(message, list):
+        return not message or any(_needs_answer(m) for m in message)
+    return _needs_answer(message)
+
+
+def _needs_answer(message: Any) -> bool:
+    if not isinstance(message, dict):
+        return True
+    if "method" in message:
+        return "id" in message
+    return not ("result" in message or "error" in message)
+
+
+def _wants_progress(message: Any) -> bool:
+    if not isinstance(message, dict) or message.get("method") != "tools/call":
+        return False
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return isinstance(meta, dict) and "progressToken" in meta
+
+
+def _sse(message: Any) -> bytes:
+    return b"event: message\ndata: " + json.dumps(message).encode() + b"\n\n"

@@ -1,0 +1,264 @@
+"""`fsm-hub serve`: own the log and supervise, or attach to the process that does.
+
+The owner runs the hub, a private token-protected HTTP endpoint for attached processes (and the
+public one of `--http`), and its own stdio client as an in-process session. An attached process
+relays its stdio client to the owner and takes over if the owner exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fsm_hub.bridge import Bridge, OwnerGone
+from fsm_hub.discovery import Discovery
+from fsm_hub.errors import FsmHubError
+from fsm_hub.http_server import HttpEndpoint
+from fsm_hub.hub import Hub
+from fsm_hub.mcp_server import INTERNAL_ERROR, Session, error_response, parse_error
+from fsm_hub.ownership import Owner, Ownership
+from fsm_hub.stdio import StdioChannel
+from fsm_hub.store import EventStore
+from fsm_hub.supervisor import DEFAULT_TIMING, Timing
+
+log = logging.getLogger(__name__)
+TAKEOVER_WAIT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    db: Path
+    instances_dir: Path
+    mcp: bool = False
+    http: tuple[str, int] | None = None
+    allow_remote: bool = False
+    timing: Timing = DEFAULT_TIMING
+
+
+class OwnedHub:
+    """Everything the owning process runs, started and stopped as one."""
+
+    def __init__(self, options: ServeOptions, ownership: Ownership) -> None:
+        self.options = options
+        self.ownership = ownership
+        self.store: EventStore | None = None
+        self.hub: Hub | None = None
+        self.endpoints: list[HttpEndpoint] = []
+
+    async def start(self) -> Hub:
+        options = self.options
+        self.store = await EventStore.open(options.db)
+        discovery = Discovery(options.instances_dir, allow_remote=options.allow_remote)
+        self.hub = Hub(self.store, discovery, timing=options.timing)
+        try:
+            await self.hub.start()
+            token = secrets.token_urlsafe(24)
+            private = HttpEndpoint(self.hub, "127.0.0.1", 0, token=token)
+            self.endpoints.append(private)
+            self.ownership.advertise(await private.start(), token)
+            if options.http is not None:
+                public = HttpEndpoint(self.hub, *options.http)
+                self.endpoints.append(public)
+                url = await public.start()
+                log.warning("fsm-hub: serving MCP over Streamable HTTP at %s", url)
+        except BaseException:
+            await self.stop("start failed")
+            raise
+        return self.hub
+
+    async def stop(self, reason: str) -> None:
+        for endpoint in self.endpoints:
+            with contextlib.suppress(Exception):
+                await endpoint.stop()
+        if self.hub is not None:
+            await self.hub.stop(reason)
+        if self.store is not None:
+            await self.store.close()
+        self.ownership.release()
+
+
+async def serve(options: ServeOptions) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    ownership = Ownership(options.db)
+    channel: StdioChannel | None = None
+    if options.mcp:
+        channel = StdioChannel()
+        await channel.open()
+    if ownership.try_acquire():
+        owned = OwnedHub(options, ownership)
+        hub = await owned.start()
+        if channel is None:
+            await stop.wait()
+            await owned.stop("signal")
+            return 0
+        return await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop)
+    if channel is None:
+        owner = ownership.read()
+        who = f" (pid {owner.pid})" if owner else ""
+        raise FsmHubError(f"another fsm-hub{who} already serves {options.db}; use serve --mcp to attach")
+    return await _attach(channel, options, ownership, stop)
+
+
+async def _serve_stdio(
+    channel: StdioChannel,
+    owned: OwnedHub,
+    session: Session,
+    stop: asyncio.Event,
+    pending: set[asyncio.Task[Any]] | None = None,
+) -> int:
+    """Answer the stdio client in-process until stdin closes or a signal arrives."""
+    tasks: set[asyncio.Task[Any]] = pending if pending is not None else set()
+
+    async def answer(message: Any) -> None:
+        reply = await session.handle(message)
+        if reply is not None:
+            channel.write(reply)
+
+    reason = await _pump(channel, stop, tasks, lambda line, message: answer(message))
+    await session.close(reason)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await owned.stop(reason)
+    await channel.drain()
+    return 0
+
+
+async def _pump(
+    channel: StdioChannel,
+    stop: asyncio.Event,
+    tasks: set[asyncio.Task[Any]],
+    handle: Any,
+) -> str:
+    """Read stdin lines until EOF or `stop`; each parsed message is handled in its own task."""
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            reader = asyncio.ensure_future(channel.readline())
+            await asyncio.wait((reader, stopper), return_when=asyncio.FIRST_COMPLETED)
+            if not reader.done():
+                reader.cancel()
+                return "signal"
+            try:
+                line = reader.result()
+            except ValueError:
+                channel.write(parse_error())
+                continue
+            if line is None:
+                return "client closed stdin"
+            if not line.strip():
+                continue
+            try:
+                message = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                channel.write(parse_error())
+                continue
+            task = asyncio.create_task(handle(line, message))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    finally:
+        stopper.cancel()
+
+
+async def _attach(
+    channel: StdioChannel, options: ServeOptions, ownership: Ownership, stop: asyncio.Event
+) -> int:
+    """Relay the stdio client to the owner; take over (or follow a new owner) when it exits."""
+    owner = await _wait_for_owner(ownership, None)
+    if owner is None:
+        return await _take_over_or_fail(channel, options, ownership, stop, None, set())
+    bridge = Bridge(channel, owner)
+    state: dict[str, Any] = {"owned": None, "session": None}
+    failover_lock = asyncio.Lock()
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def failover(failed: Owner) -> None:
+        async with failover_lock:
+            if state["session"] is not None or bridge.owner != failed:
+                return  # someone already moved us on
+            log.warning("fsm-hub: the owning hub (pid %s) is gone; taking over or re-attaching", failed.pid)
+            deadline = asyncio.get_running_loop().time() + TAKEOVER_WAIT
+            while asyncio.get_running_loop().time() < deadline:
+                if ownership.try_acquire():
+                    owned = OwnedHub(options, ownership)
+                    hub = await owned.start()
+                    session = Session(hub, secrets.token_hex(16), channel.write)
+                    await bridge.reattach(Owner(os.getpid(), "", ""), session.handle)
+                    await bridge.close(end_session=False)
+                    state["owned"], state["session"] = owned, session
+                    return
+                successor = ownership.read()
+                if successor is not None and successor.pid != failed.pid:
+                    with contextlib.suppress(OwnerGone):
+                        await bridge.replay_remote(successor)
+                        return
+                await asyncio.sleep(0.05)
+            raise FsmHubError("the owning hub is gone and no process could take over")
+
+    async def handle(line: bytes, message: Any) -> None:
+        bridge.remember(message)
+        for _ in range(2):
+            session: Session | None = state["session"]
+            if session is not None:
+                reply = await session.handle(message)
+                if reply is not None:
+                    channel.write(reply)
+                return
+            current = bridge.owner
+            try:
+                await bridge.relay(line, message)
+                return
+            except OwnerGone:
+                await failover(current)
+        if isinstance(message, dict) and "id" in message:
+            channel.write(error_response(message["id"], INTERNAL_ERROR, "fsm-hub: no hub is reachable"))
+
+    reason = await _pump(channel, stop, tasks, handle)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if state["session"] is not None:
+        await state["session"].close(reason)
+        await state["owned"].stop(reason)
+    else:
+        await bridge.close(end_session=True)
+    await channel.drain()
+    return 0
+
+
+async def _wait_for_owner(ownership: Ownership, previous: Owner | None) -> Owner | None:
+    """The advertised owner; a starting owner may take a moment to advertise."""
+    for _ in range(100):
+        owner = ownership.read()
+        if owner is not None and owner != previous:
+            return owner
+        if ownership.try_acquire():
+            return None
+        await asyncio.sleep(0.05)
+    return None
+
+
+async def _take_over_or_fail(
+    channel: StdioChannel,
+    options: ServeOptions,
+    ownership: Ownership,
+    stop: asyncio.Event,
+    _owner: Owner | None,
+    tasks: set[asyncio.Task[Any]],
+) -> int:
+    if not ownership.try_acquire():
+        raise FsmHubError(f"another fsm-hub holds {ownership.lock_path} but advertises no endpoint")
+    owned = OwnedHub(options, ownership)
+    hub = await owned.start()
+    return await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop, tasks)
