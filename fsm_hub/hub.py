@@ -21,7 +21,7 @@ from fsm_hub import __version__
 from fsm_hub.discovery import Announcement, Changed, Discovery, Found, Gone, Updated
 from fsm_hub.errors import InstanceUnavailable
 from fsm_hub.events import HUB_STREAM, EventType, StoredEvent
-from fsm_hub.recorder import fire, recorded_machine
+from fsm_hub.recorder import recorded_machine
 from fsm_hub.store import EventStore
 from fsm_hub.supervisor import DEFAULT_TIMING, Connector, Rediscover, Remove, Sleep, Supervisor, Timing
 from fsm_hub.view import Fold, InstanceView, View, resolve
@@ -107,7 +107,7 @@ class Hub:
         for instance in self.view.instances.values():
             if instance.state != "dead":
                 supervisor = await self._supervise(instance)
-                await fire(supervisor.machine, "rediscover", reason="hub restart")
+                await supervisor.deliver(Rediscover(instance.url or "", "hub restart"))
         changes = self.discovery.changes()
         first = await anext(changes)
         await self._reconcile(first, initial=True)
@@ -178,21 +178,13 @@ class Hub:
                 supervisor.start()
         else:
             supervisor = existing
-        reason = what_changed(known, announcement)
-        if not supervisor.running:
-            supervisor.url = announcement.url
-            await fire(supervisor.machine, "rediscover", reason=reason)
-        else:
-            supervisor.send(Rediscover(announcement.url, reason))
+        await supervisor.deliver(Rediscover(announcement.url, what_changed(known, announcement)))
 
     async def _gone(self, instance_id: str, reason: str) -> None:
         supervisor = self._supervisors.get(instance_id)
         if supervisor is None:
             return  # dead already and never supervised in this run: nothing to remove
-        if not supervisor.running:
-            await fire(supervisor.machine, "remove", reason=reason)
-        else:
-            supervisor.send(Remove(reason))
+        await supervisor.deliver(Remove(reason))
 
     async def _supervise(self, instance: InstanceView) -> Supervisor:
         machine = await recorded_machine(

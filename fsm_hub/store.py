@@ -265,13 +265,15 @@ class EventStore:
 
     async def _run(self) -> None:
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
+            if not self._queue:
+                if self._closing:
+                    return
+                # Cleared only once the queue is seen empty: a wakeup can never be lost.
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
             queued, self._queue = self._queue, []
-            if queued:
-                await self._write(queued)
-            elif self._closing:
-                return
+            await self._write(queued)
 
     async def _write(self, queued: list[_Pending]) -> None:
         batch = await self._number(queued)

@@ -148,6 +148,13 @@ class Supervisor:
     def send(self, command: Command) -> None:
         self._inbox.put_nowait(command)
 
+    async def deliver(self, command: Command) -> None:
+        """Queue `command` for the running loop, or apply it now if the loop has not started."""
+        if self.running:
+            self.send(command)
+        else:
+            await self._handle(command)
+
     async def stop(self) -> None:
         """Cancel the loop and close the instance session; records nothing (hub stop is not death)."""
         if self._task is not None:
