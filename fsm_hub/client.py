@@ -1,0 +1,652 @@
+"""Client side of MCP Streamable HTTP: how the hub talks to one upstream server.
+
+The hub proxies every ``tools/call`` through here, so the request path is kept lean: one
+keep-alive ``aiohttp.ClientSession``, one ``json.dumps`` per request, one ``json.loads`` per
+plain-JSON answer, no schema validation (results are forwarded untouched).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import inspect
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
+
+import aiohttp
+
+from fsm_hub import __version__
+from fsm_hub.errors import FsmHubError, McpError, SessionExpired, TransportError
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION: Final = "2025-11-25"
+"""The version we offer in ``initialize``."""
+
+SUPPORTED_PROTOCOL_VERSIONS: Final = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+"""Versions a server may answer with; the wire format we use is the same for all of them."""
+
+OnMessage = Callable[[dict[str, Any]], Awaitable[None] | None]
+"""Receives server notifications and server requests seen on a stream (sync or async)."""
+
+_POST_HEADERS: Final = {
+    "Accept": "application/json, text/event-stream",
+    "Content-Type": "application/json",
+}
+# Our own asyncio deadline bounds every call; aiohttp's default 5-minute total must not interfere.
+_NO_AIOHTTP_TIMEOUT: Final = aiohttp.ClientTimeout(total=None)
+_DELETE_TIMEOUT: Final = 1.0
+_MAX_TOOL_PAGES: Final = 1000
+_SNIPPET: Final = 200
+
+
+class McpClient:
+    """One MCP server behind a Streamable HTTP endpoint such as ``http://127.0.0.1:PORT/mcp``.
+
+    Safe to share between concurrent tasks: requests are independent HTTP exchanges and
+    re-initialization after a lost session happens once, however many calls noticed it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 30.0,
+        session: aiohttp.ClientSession | None = None,
+        on_message: OnMessage | None = None,
+        client_info: Mapping[str, str] | None = None,
+        capabilities: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.url = url
+        """The MCP endpoint."""
+        self.timeout = timeout
+        """Seconds any one call may take unless the call says otherwise."""
+        self.on_message = on_message
+        """Default receiver of messages seen on streams, when a call brings no receiver of its own."""
+        self.protocol_version: str | None = None
+        """The version the server answered with; None before ``initialize``."""
+        self.server_info: dict[str, Any] = {}
+        self.capabilities: dict[str, Any] = {}
+        """The server's capabilities from the last ``initialize``."""
+        self._client_info = dict(client_info or {"name": "fsm-hub", "version": __version__})
+        self._client_capabilities = dict(capabilities or {})
+        self._http = session
+        self._owns_http = session is None
+        self._closed = False
+        self._session_id: str | None = None
+        self._session_headers: Mapping[str, str] = {}
+        """``Mcp-Session-Id`` and ``MCP-Protocol-Version``, sent on everything after initialize."""
+        self._headers: Mapping[str, str] = _POST_HEADERS
+        self._next_id = 0
+        # Bumped by each successful initialize, so calls that saw the old session can tell
+        # whether someone else already replaced it.
+        self._generation = 0
+        self._reinit: asyncio.Future[dict[str, Any]] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._listening = False
+
+    @property
+    def session_id(self) -> str | None:
+        """The ``Mcp-Session-Id`` the server gave us, if it gives any."""
+        return self._session_id
+
+    @property
+    def listening(self) -> bool:
+        """Whether the standalone GET stream is open right now."""
+        return self._listening
+
+    async def __aenter__(self) -> McpClient:
+        try:
+            await self.initialize()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def initialize(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Handshake (initialize + notifications/initialized); returns the InitializeResult."""
+        seconds = self.timeout if timeout is None else timeout
+        request_id = self._new_id()
+        body = _encode(
+            request_id,
+            "initialize",
+            {
+                "protocolVersion": PROTOCOL_VERSION,
+                "capabilities": self._client_capabilities,
+                "clientInfo": self._client_info,
+            },
+        )
+        try:
+            async with asyncio.timeout(seconds):
+                try:
+                    message, session_id = await self._post_request(body, request_id, None, _POST_HEADERS)
+                except SessionExpired as exc:
+                    # Without a session there is nothing to expire: a 404 here is a wrong URL.
+                    raise TransportError(str(exc)) from None
+                result = _result_of(message)
+                if not isinstance(result, dict):
+                    raise TransportError(f"{self.url} answered initialize with {_snippet(result)}")
+                version = result.get("protocolVersion")
+                if version not in SUPPORTED_PROTOCOL_VERSIONS:
+                    if session_id is not None:
+                        await self._delete_session(self._http_session(), session_id)
+                    raise TransportError(
+                        f"{self.url} speaks MCP protocol version {version!r}; "
+                        f"fsm-hub speaks {', '.join(SUPPORTED_PROTOCOL_VERSIONS)}"
+                    )
+                self._adopt(result, version, session_id)
+                # Some servers (brummer) answer this notification with a -32601 error body.
+                initialized = _encode(None, "notifications/initialized", None)
+                try:
+                    await self._post_notification(initialized, self._headers)
+                except McpError:
+                    pass
+        except TimeoutError:
+            raise TransportError(f"initialize to {self.url} timed out after {seconds:g}s") from None
+        return result
+
+    def _adopt(self, result: dict[str, Any], version: str, session_id: str | None) -> None:
+        self.protocol_version = version
+        self.server_info = _dict_or_empty(result.get("serverInfo"))
+        self.capabilities = _dict_or_empty(result.get("capabilities"))
+        self._session_id = session_id
+        session_headers = {"MCP-Protocol-Version": version}
+        if session_id is not None:
+            session_headers["Mcp-Session-Id"] = session_id
+        self._session_headers = session_headers
+        self._headers = {**_POST_HEADERS, **session_headers}
+        self._generation += 1
+
+    async def close(self) -> None:
+        """Stop listening, DELETE the session (best effort) and release our HTTP session."""
+        if self._closed:
+            return
+        self._closed = True
+        http, self._http = self._http, None  # no new requests from here on
+        listener, self._listener = self._listener, None
+        try:
+            if listener is not None:
+                listener.cancel()
+                await asyncio.wait([listener])
+                if not listener.cancelled():
+                    listener.exception()  # retrieved, so nobody logs "never retrieved"
+            if self._session_id is not None and http is not None:
+                await self._delete_session(http, self._session_id)
+        finally:
+            if http is not None and self._owns_http:
+                await http.close()
+
+    async def _delete_session(self, http: aiohttp.ClientSession, session_id: str) -> None:
+        """Tell the server to forget a session; any failure (405 included) is fine."""
+        headers = {**self._session_headers, "Mcp-Session-Id": session_id}
+        try:
+            async with (
+                asyncio.timeout(min(self.timeout, _DELETE_TIMEOUT)),
+                http.delete(self.url, headers=headers, timeout=_NO_AIOHTTP_TIMEOUT) as response,
+            ):
+                await response.read()
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            pass
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        on_message: OnMessage | None = None,
+    ) -> dict[str, Any]:
+        """Send a JSON-RPC request and return its ``result``; JSON-RPC errors raise McpError."""
+        result = await self._call(method, params, timeout, on_message)
+        if not isinstance(result, dict):
+            raise TransportError(f"{self.url} answered {method} with {_snippet(result)}")
+        return result
+
+    async def notify(
+        self, method: str, params: Mapping[str, Any] | None = None, *, timeout: float | None = None
+    ) -> None:
+        """Send a JSON-RPC notification (e.g. ``notifications/cancelled``)."""
+        await self._call(method, params, timeout, None, notification=True)
+
+    async def ping(self, timeout: float | None = None) -> None:
+        """Return if the server answers at all; raise TransportError if it cannot be reached."""
+        try:
+            await self._call("ping", None, timeout, None)
+        except McpError:
+            pass  # Some servers answer ping with -32601: still alive.
+
+    async def list_tools(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """All tools, following ``nextCursor``; ``timeout`` applies to each page."""
+        tools: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        params: dict[str, Any] | None = None
+        for _ in range(_MAX_TOOL_PAGES):
+            result = await self.request("tools/list", params, timeout=timeout)
+            page = result.get("tools")
+            if not isinstance(page, list):
+                raise TransportError(f"{self.url} answered tools/list without a tools list")
+            tools.extend(page)
+            cursor = result.get("nextCursor")
+            if not cursor:
+                return tools
+            if cursor in seen:
+                raise TransportError(f"{self.url} tools/list pagination loops (cursor {cursor!r})")
+            seen.add(cursor)
+            params = {"cursor": cursor}
+        raise TransportError(f"{self.url} tools/list has more than {_MAX_TOOL_PAGES} pages")
+
+    async def call_tool(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        meta: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        on_message: OnMessage | None = None,
+    ) -> dict[str, Any]:
+        """The server's CallToolResult, unchanged; a raw result (no content list) gets wrapped."""
+        params: dict[str, Any] = {"name": name, "arguments": arguments or {}}
+        if meta:
+            params["_meta"] = meta
+        result = await self._call("tools/call", params, timeout, on_message)
+        if isinstance(result, dict) and isinstance(result.get("content"), list):
+            return result
+        wrapped: dict[str, Any] = {
+            "content": [{"type": "text", "text": json.dumps(result)}],
+            "isError": False,
+        }
+        if isinstance(result, dict):
+            wrapped["structuredContent"] = result
+        return wrapped
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    async def _call(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        timeout: float | None,
+        on_message: OnMessage | None,
+        *,
+        notification: bool = False,
+    ) -> Any:
+        """Send under one deadline, re-initializing once if the server lost our session."""
+        request_id = None if notification else self._new_id()
+        body = _encode(request_id, method, params)
+        seconds = self.timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(seconds):
+                generation = self._generation
+                try:
+                    return await self._send(body, request_id, on_message)
+                except SessionExpired:
+                    await self._reinitialize(generation)
+                try:
+                    return await self._send(body, request_id, on_message)
+                except SessionExpired as exc:
+                    raise SessionExpired(f"{exc} (again, right after re-initializing)") from None
+        except TimeoutError:
+            raise TransportError(f"{method} to {self.url} timed out after {seconds:g}s") from None
+
+    async def _send(self, body: bytes, request_id: int | None, on_message: OnMessage | None) -> Any:
+        """One POST with the current session's headers; the result, or None for a notification."""
+        if request_id is None:
+            await self._post_notification(body, self._headers)
+            return None
+        message, _ = await self._post_request(body, request_id, on_message, self._headers)
+        return _result_of(message)
+
+    async def _reinitialize(self, generation: int) -> None:
+        """Replace a lost session once, however many concurrent calls noticed the loss."""
+        if self._generation != generation:
+            return  # another call already re-initialized
+        if self._reinit is None:
+            self._reinit = asyncio.ensure_future(self.initialize())
+            self._reinit.add_done_callback(self._reinit_done)
+        await asyncio.shield(self._reinit)
+
+    def _reinit_done(self, future: asyncio.Future[dict[str, Any]]) -> None:
+        self._reinit = None
+        if not future.cancelled():
+            future.exception()  # each waiter got it through shield; don't log it again
+
+    async def _post_request(
+        self,
+        body: bytes,
+        request_id: int,
+        on_message: OnMessage | None,
+        headers: Mapping[str, str],
+    ) -> tuple[dict[str, Any], str | None]:
+        """The JSON-RPC response to ``request_id``, and the session id header that came with it."""
+        http = self._http_session()
+        try:
+            async with http.post(
+                self.url, data=body, headers=headers, timeout=_NO_AIOHTTP_TIMEOUT
+            ) as response:
+                if response.status >= 300:
+                    raise await self._status_error(response)
+                if response.content_type == "text/event-stream":
+                    answer = await self._read_answer(response, request_id, on_message)
+                else:
+                    answer = await self._parse_body(
+                        await response.read(), response.status, request_id, on_message
+                    )
+                return answer, response.headers.get("Mcp-Session-Id")
+        except aiohttp.ClientError as exc:
+            raise TransportError(self._describe(exc)) from None
+        except OSError as exc:
+            raise TransportError(f"{self.url}: {exc.strerror or exc}") from None
+
+    async def _post_notification(self, body: bytes, headers: Mapping[str, str]) -> None:
+        """POST a notification; whatever a 2xx answer says is ignored (202 is the norm)."""
+        http = self._http_session()
+        try:
+            async with http.post(
+                self.url, data=body, headers=headers, timeout=_NO_AIOHTTP_TIMEOUT
+            ) as response:
+                if response.status >= 300:
+                    raise await self._status_error(response)
+                await response.read()  # drained, so the connection is kept alive
+        except aiohttp.ClientError as exc:
+            raise TransportError(self._describe(exc)) from None
+        except OSError as exc:
+            raise TransportError(f"{self.url}: {exc.strerror or exc}") from None
+
+    async def _status_error(self, response: aiohttp.ClientResponse) -> FsmHubError:
+        """The error an HTTP status >= 300 stands for."""
+        status = response.status
+        body = await response.read()
+        text = _snippet(body)
+        detail = f"{self.url} answered HTTP {status}" + (f": {text}" if text else "")
+        # The Python SDK says 404 for a lost session; the TypeScript SDK says 400.
+        if status == 404 or (status == 400 and b"session" in body.lower()):
+            return SessionExpired(detail)
+        if 400 <= status < 500:
+            parsed = _loads_or_none(body)
+            if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+                return _error_of(parsed["error"])
+        return TransportError(detail)
+
+    async def _parse_body(
+        self, body: bytes, status: int, request_id: int, on_message: OnMessage | None
+    ) -> dict[str, Any]:
+        if not body:
+            raise TransportError(
+                f"{self.url} answered request {request_id} with an empty body (HTTP {status})"
+            )
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            raise TransportError(
+                f"{self.url} answered with something that is not JSON: {_snippet(body)}"
+            ) from None
+        if isinstance(parsed, dict):
+            if _answers(parsed, request_id) or ("error" in parsed and parsed.get("id") is None):
+                return parsed
+        elif isinstance(parsed, list):  # a batch (2025-03-26): the answer plus anything else
+            answer = None
+            for message in parsed:
+                if isinstance(message, dict) and _answers(message, request_id):
+                    answer = message
+                elif isinstance(message, dict):
+                    await self._deliver(message, on_message)
+            if answer is not None:
+                return answer
+        raise TransportError(
+            f"{self.url} answered something other than a response to request {request_id}: {_snippet(body)}"
+        )
+
+    async def _read_answer(
+        self, response: aiohttp.ClientResponse, request_id: int, on_message: OnMessage | None
+    ) -> dict[str, Any]:
+        """Read a POST's SSE stream up to the answer, handing everything before it on."""
+        decoder = SseDecoder()
+        async for chunk in response.content.iter_any():
+            answer = await self._scan(decoder.feed(chunk), request_id, on_message)
+            if answer is not None:
+                return answer
+        answer = await self._scan(decoder.close(), request_id, on_message)
+        if answer is not None:
+            return answer
+        raise TransportError(f"{self.url} ended the SSE stream before answering request {request_id}")
+
+    async def _scan(
+        self, events: list[bytes], request_id: int | None, on_message: OnMessage | None
+    ) -> dict[str, Any] | None:
+        """The answer to ``request_id`` among ``events``; everything before it is handed on."""
+        for data in events:
+            message = self._decode_event(data)
+            if message is None:
+                continue
+            if request_id is not None and _answers(message, request_id):
+                return message
+            await self._deliver(message, on_message)
+        return None
+
+    def _decode_event(self, data: bytes) -> dict[str, Any] | None:
+        """The JSON-RPC message in one SSE event, or None for an empty (priming) event."""
+        if not data.strip():
+            return None
+        try:
+            message = json.loads(data)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict):
+            raise TransportError(f"{self.url} sent an SSE event that is not JSON-RPC: {_snippet(data)}")
+        return message
+
+    async def _deliver(self, message: dict[str, Any], on_message: OnMessage | None) -> None:
+        receiver = on_message or self.on_message
+        if receiver is None:
+            return
+        try:
+            outcome = receiver(message)
+            if inspect.isawaitable(outcome):
+                await outcome
+        except Exception:
+            # A broken receiver must not fail the request whose stream it was reading.
+            log.exception("on_message receiver failed for %s", message.get("method"))
+
+    # -- standalone stream -----------------------------------------------------------------
+
+    def listen(self, on_message: OnMessage | None = None) -> asyncio.Task[None]:
+        """Start reading the standalone GET stream in a task this client owns.
+
+        The task ends quietly on 405 (the server offers no such stream) or when the server
+        ends the stream; it fails with TransportError otherwise. Cancel it to stop listening;
+        ``close()`` does so. There is no reconnect. Calling again while it runs returns it.
+        """
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen(on_message), name=f"listen {self.url}")
+        return self._listener
+
+    async def _listen(self, on_message: OnMessage | None) -> None:
+        headers = {"Accept": "text/event-stream", **self._session_headers}
+        http = self._http_session()
+        try:
+            async with (
+                asyncio.timeout(self.timeout) as opening,
+                http.get(self.url, headers=headers, timeout=_NO_AIOHTTP_TIMEOUT) as response,
+            ):
+                if response.status == 405:
+                    return
+                if response.status != 200:
+                    text = _snippet(await response.read())
+                    raise TransportError(
+                        f"{self.url} answered the GET stream with HTTP {response.status}: {text}"
+                    )
+                if response.content_type != "text/event-stream":
+                    raise TransportError(
+                        f"{self.url} answered the GET stream with {response.content_type}, not SSE"
+                    )
+                opening.reschedule(None)
+                self._listening = True
+                decoder = SseDecoder()
+                async for chunk in response.content.iter_any():
+                    await self._scan(decoder.feed(chunk), None, on_message)
+        except TimeoutError:
+            raise TransportError(
+                f"opening the GET stream of {self.url} timed out after {self.timeout:g}s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise TransportError(self._describe(exc)) from None
+        except OSError as exc:
+            raise TransportError(f"{self.url}: {exc.strerror or exc}") from None
+        finally:
+            self._listening = False
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _http_session(self) -> aiohttp.ClientSession:
+        http = self._http
+        if http is None:
+            if self._closed:
+                raise TransportError(f"the client for {self.url} is closed")
+            http = self._http = aiohttp.ClientSession()
+        return http
+
+    def _describe(self, exc: aiohttp.ClientError) -> str:
+        """One line saying what went wrong on the wire, without aiohttp's internals."""
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            error = exc.os_error
+            # asyncio words refusals as "Connect call failed (...)"; the errno says it plainly.
+            code = error.errno
+            reason = os.strerror(code) if isinstance(code, int) and code > 0 else error.strerror or str(error)
+            return f"cannot connect to {self.url}: {reason}"
+        if isinstance(exc, aiohttp.ServerDisconnectedError):
+            return f"{self.url} closed the connection without answering"
+        if isinstance(exc, aiohttp.ClientPayloadError):
+            return f"{self.url} cut the response off mid-stream"
+        if isinstance(exc, aiohttp.ClientOSError) and exc.errno == errno.ECONNRESET:
+            return f"{self.url} reset the connection"
+        return f"{self.url}: {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+class SseDecoder:
+    """Splits an SSE body into the data of its events, fed in whatever chunks the network gives.
+
+    Tolerates CRLF or LF line ends, comment lines and events without data. Only ``data``
+    matters to MCP; ``id``, ``event`` and ``retry`` are skipped.
+    """
+
+    __slots__ = ("_buffer", "_data", "_scanned")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._data: list[bytes] | None = None
+        self._scanned = 0
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The data of every event completed by ``chunk``."""
+        buffer = self._buffer
+        buffer += chunk
+        events: list[bytes] = []
+        start = 0
+        # Resume the newline search where the last chunk ended: a long line is scanned once.
+        end = buffer.find(b"\n", self._scanned)
+        while end != -1:
+            self._line(bytes(buffer[start:end]), events)
+            start = end + 1
+            end = buffer.find(b"\n", start)
+        del buffer[:start]
+        self._scanned = len(buffer)
+        return events
+
+    def close(self) -> list[bytes]:
+        """The data of an event cut short by the end of the body (a lenient reading)."""
+        events: list[bytes] = []
+        if self._buffer:
+            self._line(bytes(self._buffer), events)
+            self._buffer.clear()
+        self._line(b"", events)
+        return events
+
+    def _line(self, line: bytes, events: list[bytes]) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            if self._data is not None:
+                events.append(b"\n".join(self._data))
+                self._data = None
+            return
+        if line.startswith(b":"):
+            return
+        field, _, value = line.partition(b":")
+        if field != b"data":
+            return
+        if value.startswith(b" "):
+            value = value[1:]
+        if self._data is None:
+            self._data = [value]
+        else:
+            self._data.append(value)
+
+
+def _encode(request_id: int | None, method: str, params: Mapping[str, Any] | None) -> bytes:
+    message: dict[str, Any] = {"jsonrpc": "2.0"}
+    if request_id is not None:
+        message["id"] = request_id
+    message["method"] = method
+    if params is not None:
+        message["params"] = params
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+def _answers(message: dict[str, Any], request_id: int) -> bool:
+    """Whether ``message`` is the response to ``request_id`` (some servers echo ids as strings)."""
+    if "result" not in message and "error" not in message:
+        return False
+    answered = message.get("id")
+    return answered == request_id or answered == str(request_id)
+
+
+def _result_of(message: dict[str, Any]) -> Any:
+    """The ``result`` of a JSON-RPC response; its ``error`` raised as McpError."""
+    error = message.get("error")
+    if error is not None:
+        raise _error_of(error)
+    return message.get("result")
+
+
+def _error_of(error: object) -> McpError:
+    if not isinstance(error, dict):
+        return McpError(-32603, str(error))
+    code = error.get("code")
+    return McpError(
+        code if isinstance(code, int) else -32603, str(error.get("message", "")), error.get("data")
+    )
+
+
+def _dict_or_empty(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _loads_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def _snippet(value: object) -> str:
+    """A short single line of a body or value, for error messages."""
+    if isinstance(value, bytes | bytearray):
+        text = value.decode("utf-8", "replace")
+    elif isinstance(value, str):
+        text = value
+    else:
+        text = json.dumps(value)
+    text = " ".join(text.split())
+    return text if len(text) <= _SNIPPET else text[: _SNIPPET - 3] + "..."
