@@ -87,6 +87,7 @@ class McpClient:
         self._reinit: asyncio.Future[dict[str, Any]] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._listening = False
+        self._background: set[asyncio.Task[Any]] = set()
 
     @property
     def session_id(self) -> str | None:
@@ -178,6 +179,8 @@ class McpClient:
                 await asyncio.wait([listener])
                 if not listener.cancelled():
                     listener.exception()  # retrieved, so nobody logs "never retrieved"
+            for task in list(self._background):
+                task.cancel()
             if self._session_id is not None and http is not None:
                 await self._delete_session(http, self._session_id)
         finally:
@@ -258,16 +261,7 @@ class McpClient:
         params: dict[str, Any] = {"name": name, "arguments": arguments or {}}
         if meta:
             params["_meta"] = meta
-        result = await self._call("tools/call", params, timeout, on_message)
-        if isinstance(result, dict) and isinstance(result.get("content"), list):
-            return result
-        wrapped: dict[str, Any] = {
-            "content": [{"type": "text", "text": json.dumps(result)}],
-            "isError": False,
-        }
-        if isinstance(result, dict):
-            wrapped["structuredContent"] = result
-        return wrapped
+        return as_call_tool_result(await self._call("tools/call", params, timeout, on_message))
 
     def _new_id(self) -> int:
         self._next_id += 1
@@ -299,6 +293,23 @@ class McpClient:
                     raise SessionExpired(f"{exc} (again, right after re-initializing)") from None
         except TimeoutError:
             raise TransportError(f"{method} to {self.url} timed out after {seconds:g}s") from None
+        except asyncio.CancelledError:
+            if request_id is not None and not self._closed:
+                self._cancel_upstream(request_id)
+            raise
+
+    def _cancel_upstream(self, request_id: int) -> None:
+        """Tell the server a request we gave up on is cancelled (fire and forget)."""
+        params = {"requestId": request_id, "reason": "cancelled by the client"}
+        cancelled = self._call("notifications/cancelled", params, 2.0, None, notification=True)
+        task = asyncio.ensure_future(cancelled)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # best effort: a server that is gone needs no cancellation
 
     async def _send(self, body: bytes, request_id: int | None, on_message: OnMessage | None) -> Any:
         """One POST with the current session's headers; the result, or None for a notification."""
@@ -592,6 +603,16 @@ class SseDecoder:
             self._data = [value]
         else:
             self._data.append(value)
+
+
+def as_call_tool_result(result: Any) -> dict[str, Any]:
+    """A CallToolResult unchanged; a raw result (no content list, as brummer sends) wrapped as text."""
+    if isinstance(result, dict) and isinstance(result.get("content"), list):
+        return result
+    wrapped: dict[str, Any] = {"content": [{"type": "text", "text": json.dumps(result)}], "isError": False}
+    if isinstance(result, dict):
+        wrapped["structuredContent"] = result
+    return wrapped
 
 
 def _encode(request_id: int | None, method: str, params: Mapping[str, Any] | None) -> bytes:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from fsm_hub.client import as_call_tool_result
 from fsm_hub.errors import FsmHubError, InstanceUnavailable, TransportError
 from fsm_hub.machine import InstanceMachine
 from fsm_hub.recorder import fire
@@ -175,12 +176,13 @@ class Supervisor:
         if client is None or self.state != "active":
             raise InstanceUnavailable(self.instance_id, self.state, self.last_error)
         try:
-            return await client.request(
+            result = await client.request(
                 method, params, timeout=self.timing.call_timeout, on_message=on_message
             )
         except TransportError:
             self.send(CheckNow())
             raise
+        return as_call_tool_result(result) if method == "tools/call" else result
 
     async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
         client = self._client
