@@ -273,3 +273,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         app(args=list(argv) if argv is not None else None)
     except KeyboardInterrupt:
         sys.exit(130)
+if __name__ == "__main__":
+    main()

@@ -343,22 +343,49 @@ class McpClient:
         """The JSON-RPC response to ``request_id``, and the session id header that came with it."""
         http = self._http_session()
         try:
-            async with http.post(
-                self.url, data=body, headers=headers, timeout=_NO_AIOHTTP_TIMEOUT
-            ) as response:
+            response = await http.post(self.url, data=body, headers=headers, timeout=_NO_AIOHTTP_TIMEOUT)
+            try:
                 if response.status >= 300:
                     raise await self._status_error(response)
                 if response.content_type == "text/event-stream":
                     answer = await self._read_answer(response, request_id, on_message)
+                    self._finish_stream(response)
                 else:
                     answer = await self._parse_body(
                         await response.read(), response.status, request_id, on_message
                     )
-                return answer, response.headers.get("Mcp-Session-Id")
+                    response.release()
+            except BaseException:
+                response.close()
+                raise
+            return answer, response.headers.get("Mcp-Session-Id")
         except aiohttp.ClientError as exc:
             raise TransportError(self._describe(exc)) from None
         except OSError as exc:
             raise TransportError(f"{self.url}: {exc.strerror or exc}") from None
+
+    def _finish_stream(self, response: aiohttp.ClientResponse) -> None:
+        """Hand the connection back once the server ends the stream it answered on.
+
+        The answer usually arrives just before the stream's final chunk; releasing a response
+        that is not at its end would close the connection, and every call would pay a new one.
+        """
+        if response.content.at_eof():
+            response.release()
+            return
+        task = asyncio.ensure_future(self._drain(response))
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    async def _drain(self, response: aiohttp.ClientResponse) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                while await response.content.readany():
+                    pass
+            response.release()
+        except BaseException:
+            response.close()
+            raise
 
     async def _post_notification(self, body: bytes, headers: Mapping[str, str]) -> None:
         """POST a notification; whatever a 2xx answer says is ignored (202 is the norm)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +24,7 @@ from fsm_hub.view import resolve
 _INSERT = "INSERT INTO events (seq, stream, version, type, at, data) VALUES (?, ?, ?, ?, ?, ?)"
 _COLUMNS = "seq, stream, version, type, at, data"
 
+log = logging.getLogger(__name__)
 Subscriber = Callable[[Sequence[StoredEvent]], None]
 
 
@@ -290,7 +292,10 @@ class EventStore:
             return
         stored = [StoredEvent(*row) for row in batch.rows]
         for subscriber in self._subscribers:
-            subscriber(stored)
+            try:
+                subscriber(stored)
+            except Exception:  # a broken reader must not stop the log: the events are committed
+                log.exception("event log subscriber failed")
         for pending, event in zip(batch.pending, stored, strict=True):
             if not pending.future.done():
                 pending.future.set_result(event)

@@ -76,3 +76,47 @@ async def reset_url() -> AsyncIterator[str]:
 
 
 # ----------------------------------------------------------------------------- end MCP servers
+
+
+# ---------------------------------------------------------------------------------------------
+# Event log (used by test_machine, test_recorder, test_store, test_view, test_replay, test_cli,
+# e2e/): a fresh log path, an open EventStore, hand-built logs (tests/logs.py).
+# ---------------------------------------------------------------------------------------------
+from pathlib import Path  # noqa: E402
+
+from fsm_hub.store import EventStore  # noqa: E402
+from tests.logs import LogBuilder, Sample, build_sample  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: runs a real subprocess or a build; slower")
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """Where a fresh event log goes; its directory does not exist yet."""
+    return tmp_path / "state" / "fsm-hub" / "events.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[EventStore]:
+    """An open EventStore on a fresh log, closed at teardown."""
+    opened = await EventStore.open(db_path)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+def log_builder() -> LogBuilder:
+    """Builds StoredEvents by hand (seq, version, one second apart); `.write(path)` stores them."""
+    return LogBuilder()
+
+
+@pytest.fixture
+def sample_log(tmp_path: Path) -> Sample:
+    """The log of tests/logs.py's `build_sample`, written through the real store."""
+    log = build_sample(LogBuilder())
+    return Sample(log.write(tmp_path / "sample.db"), log)
+
+
+# ----------------------------------------------------------------------------- end event log
