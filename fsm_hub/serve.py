@@ -142,33 +142,40 @@ async def _pump(
     handle: Any,
 ) -> str:
     """Read stdin lines until EOF or `stop`; each parsed message is handled in its own task."""
+    reading = asyncio.ensure_future(_read_lines(channel, tasks, handle))
     stopper = asyncio.ensure_future(stop.wait())
     try:
-        while True:
-            reader = asyncio.ensure_future(channel.readline())
-            await asyncio.wait((reader, stopper), return_when=asyncio.FIRST_COMPLETED)
-            if not reader.done():
-                reader.cancel()
-                return "signal"
-            try:
-                line = reader.result()
-            except ValueError:
-                channel.write(parse_error())
-                continue
-            if line is None:
-                return "client closed stdin"
-            if not line.strip():
-                continue
-            try:
-                message = json.loads(line)
-            except (ValueError, UnicodeDecodeError):
-                channel.write(parse_error())
-                continue
-            task = asyncio.create_task(handle(line, message))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+        await asyncio.wait((reading, stopper), return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopper.cancel()
+    if reading.done():
+        return reading.result()
+    reading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reading
+    return "signal"
+
+
+async def _read_lines(channel: StdioChannel, tasks: set[asyncio.Task[Any]], handle: Any) -> str:
+    """The hot loop: one line in, one task out; no per-line timers or waits."""
+    while True:
+        try:
+            line = await channel.readline()
+        except ValueError:
+            channel.write(parse_error())
+            continue
+        if line is None:
+            return "client closed stdin"
+        if not line.strip():
+            continue
+        try:
+            message = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            channel.write(parse_error())
+            continue
+        task = asyncio.create_task(handle(line, message))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
 
 async def _attach(
