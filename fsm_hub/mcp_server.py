@@ -18,6 +18,7 @@ from fsm_hub import __version__
 from fsm_hub.errors import FsmHubError, InstanceUnavailable, McpError, TransportError
 from fsm_hub.hub import Hub
 from fsm_hub.hub_tools import HUB_TOOL_NAMES, HubTools, ToolFailure, tool_error
+from fsm_hub.tool_names import NamedTools, name_tools
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 
 PAGE_SIZE = 200
+_NO_TOOLS = NamedTools([])
 Emit = Callable[[dict[str, Any]], None]
 
 request_emit: ContextVar[Emit | None] = ContextVar("request_emit", default=None)
@@ -73,6 +75,7 @@ class Session:
         self._inflight: dict[Any, asyncio.Task[Any]] = {}
         self._tool_signature: tuple[str, ...] | None = None
         self._tools = HubTools(self)
+        self._named: tuple[list[dict[str, Any]], NamedTools] | None = None
         hub.on_instance_change(self._instance_changed)
         self.closed = False
 
@@ -201,12 +204,17 @@ class Session:
         return page
 
     def tool_list(self) -> list[dict[str, Any]]:
-        tools = list(self._tools.definitions)
-        if self.bound is not None:
-            for tool in self.hub.tools(self.bound) or ():
-                if tool.get("name") not in HUB_TOOL_NAMES:  # hub names win on a clash
-                    tools.append(tool)
-        return tools
+        return [*self._tools.definitions, *self._instance_tools().tools]
+
+    def _instance_tools(self) -> NamedTools:
+        """The bound instance's tools under client-safe names (hub names win a clash)."""
+        tools = self.hub.tools(self.bound) if self.bound is not None else None
+        if not tools:
+            return _NO_TOOLS
+        cached = self._named
+        if cached is None or cached[0] is not tools:  # the supervisor swaps the list on refresh
+            cached = self._named = (tools, name_tools(tools, HUB_TOOL_NAMES))
+        return cached[1]
 
     async def _call_tool(self, params: dict[str, Any]) -> dict[str, Any]:
         name = params.get("name")
@@ -225,6 +233,9 @@ class Session:
                 INVALID_PARAMS,
                 f"Unknown tool: {name} (connect to an instance with instances_connect first)",
             )
+        original = self._instance_tools().originals.get(name)
+        if original is not None:
+            params = {**params, "name": original}
         try:
             return await self.hub.request(self.bound, "tools/call", params, on_message=self._relay)
         except InstanceUnavailable as exc:
