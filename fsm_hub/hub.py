@@ -85,6 +85,8 @@ class Hub:
         self._listeners: list[InstanceListener] = []
         self._discovery_task: asyncio.Task[None] | None = None
         self._started = time.monotonic()
+        self.open_sessions: set[str] = set()
+        """Ids of the MCP sessions connected to this hub now, bound to an instance or not."""
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -114,6 +116,18 @@ class Hub:
         for supervisor in self._supervisors.values():
             supervisor.start()
         self._discovery_task = asyncio.create_task(self._follow(changes), name="fsm-hub-discovery")
+
+    async def settle(self, timeout: float) -> None:
+        """Wait (at most `timeout` seconds) until no instance is still discovered or connecting.
+
+        A process taking over from a dead owner uses it so that its client's next call finds the
+        instances reconnected instead of failing fast while they are.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not any(s.state in ("discovered", "connecting") for s in self._supervisors.values()):
+                return
+            await asyncio.sleep(0.01)
 
     async def stop(self, reason: str = "stopped") -> None:
         """Cancel everything and record `hub_stopped` — and nothing else: no instance dies."""
@@ -299,6 +313,7 @@ class Hub:
             "states": view.count_by_state(),
             "instances": len(view.instances),
             "sessions": len(view.sessions),
+            "clients": len(self.open_sessions),
             "db": str(self.store.path),
             "events": self.store.last_seq,
             "uptime_seconds": round(time.monotonic() - self._started, 3),

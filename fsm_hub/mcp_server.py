@@ -77,6 +77,7 @@ class Session:
         self._tools = HubTools(self)
         self._named: tuple[list[dict[str, Any]], NamedTools] | None = None
         hub.on_instance_change(self._instance_changed)
+        hub.open_sessions.add(session_id)
         self.closed = False
 
     # -- entry point ----------------------------------------------------------------------
@@ -302,3 +303,4 @@ class Session:
                 await self.hub.session_disconnected(self.id, self.bound, reason)
             self.bound = None
         self.hub.forget_listener(self._instance_changed)
+        self.hub.open_sessions.discard(self.id)

@@ -200,6 +200,7 @@ async def _attach(
                 if ownership.try_acquire():
                     owned = OwnedHub(options, ownership)
                     hub = await owned.start()
+                    await hub.settle(options.timing.connect_timeout)
                     session = Session(hub, secrets.token_hex(16), channel.write)
                     await bridge.reattach(Owner(os.getpid(), "", ""), session.handle)
                     await bridge.close(end_session=False)
