@@ -7,7 +7,6 @@ the official SDK do, so a web page cannot drive the hub through DNS rebinding.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
@@ -21,6 +20,8 @@ from aiohttp import web
 from fsm_hub.hub import Hub
 from fsm_hub.mcp_server import (
     INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    METHODS,
     Session,
     error_response,
     parse_error,
@@ -68,7 +69,8 @@ class HttpEndpoint:
         self.token = token
         self.sessions: dict[str, HttpSession] = {}
         self._runner: web.AppRunner | None = None
-        self._streams: set[web.StreamResponse] = set()
+        self._streams: set[asyncio.Task[Any]] = set()
+        """The handlers of open GET streams: they never end on their own."""
 
     @property
     def url(self) -> str:
@@ -92,9 +94,8 @@ class HttpEndpoint:
         for entry in list(self.sessions.values()):
             await entry.session.close(reason)
         self.sessions.clear()
-        for stream in list(self._streams):
-            with contextlib.suppress(Exception):
-                await stream.write_eof()
+        for task in list(self._streams):
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -122,16 +123,26 @@ class HttpEndpoint:
         """When bound to a non-loopback address on purpose, that address is our own Host."""
         return not is_loopback(self.host) and split_host(host_header) == self.host
 
-    def _session(self, request: web.Request) -> HttpSession | web.Response:
+    def _session(self, request: web.Request, message: Any = None) -> HttpSession | web.Response:
+        request_id = message.get("id") if isinstance(message, dict) else None
         session_id = request.headers.get(SESSION_HEADER)
         if not session_id:
+            method = message.get("method") if isinstance(message, dict) else None
+            if isinstance(method, str) and "id" in message and method not in METHODS:
+                # e.g. the 2026-07-28 `server/discover` probe: -32601 tells the client to fall
+                # back to `initialize`, which then opens a session
+                return web.json_response(
+                    error_response(request_id, METHOD_NOT_FOUND, f"Method not found: {method}")
+                )
             return web.json_response(
-                error_response(None, INVALID_REQUEST, f"Bad Request: missing {SESSION_HEADER} header"),
+                error_response(request_id, INVALID_REQUEST, f"Bad Request: missing {SESSION_HEADER} header"),
                 status=400,
             )
         entry = self.sessions.get(session_id)
         if entry is None:
-            return web.json_response(error_response(None, INVALID_REQUEST, "Session not found"), status=404)
+            return web.json_response(
+                error_response(request_id, INVALID_REQUEST, "Session not found"), status=404
+            )
         return entry
 
     # -- handlers ---------------------------------------------------------------------------
@@ -148,7 +159,7 @@ class HttpEndpoint:
         if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
             entry = self._new_session()
         else:
-            found = self._session(request)
+            found = self._session(request, message)
             if isinstance(found, web.Response):
                 return found
             entry = found
@@ -203,7 +214,9 @@ class HttpEndpoint:
         )
         await response.prepare(request)
         await response.write(b": fsm-hub notifications\n\n")
-        self._streams.add(response)
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._streams.add(handler)
         found.streams += 1
         try:
             while True:
@@ -213,7 +226,8 @@ class HttpEndpoint:
             pass
         finally:
             found.streams -= 1
-            self._streams.discard(response)
+            if handler is not None:
+                self._streams.discard(handler)
         return response
 
     async def _delete(self, request: web.Request) -> web.Response:

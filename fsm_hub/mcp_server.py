@@ -31,6 +31,15 @@ METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 
+METHODS = frozenset(
+    {
+        "initialize", "ping", "tools/list", "tools/call", "resources/list", "resources/read",
+        "resources/templates/list", "resources/subscribe", "resources/unsubscribe",
+        "prompts/list", "prompts/get", "completion/complete",
+    }
+)  # fmt: skip
+"""The requests a session answers; anything else (`server/discover` included) gets -32601."""
+
 PAGE_SIZE = 200
 _NO_TOOLS = NamedTools([])
 Emit = Callable[[dict[str, Any]], None]
