@@ -19,7 +19,10 @@ FSM_HUB = Path(sys.executable).with_name("fsm-hub")
 def fsm_hub(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     assert FSM_HUB.exists(), f"{FSM_HUB} is missing: install the project (pip install -e .)"
     return subprocess.run(
-        [str(FSM_HUB), *args], capture_output=True, text=True, timeout=60,
+        [str(FSM_HUB), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, **(env or {})},
     )
 
@@ -28,7 +31,10 @@ def test_the_console_script_reads_a_real_log(sample_log: Sample) -> None:
     listed = fsm_hub("instances", "--json", env={"FSM_HUB_DB": str(sample_log.path)})
     assert (listed.returncode, listed.stderr) == (0, "")
     assert [(i["name"], i["state"]) for i in json.loads(listed.stdout)] == [
-        ("api", "retrying"), ("docs", "dead"), ("docs", "discovered"), ("web", "active")
+        ("api", "retrying"),
+        ("docs", "dead"),
+        ("docs", "discovered"),
+        ("web", "active"),
     ]
     history = fsm_hub("history", "web", "--db", str(sample_log.path))
     assert history.returncode == 0

@@ -10,7 +10,7 @@ from contextlib import AsyncExitStack
 import pytest
 from mcp import Client
 
-from tests.e2e.test_scenarios import Lab, eventually, lab, states  # noqa: F401  (fixture)
+from tests.e2e.lab import Lab, eventually, states
 
 
 async def _owner_pid(lab: Lab) -> int:

@@ -8,145 +8,13 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import mcp_types
-import pytest
 from mcp import Client, ClientSession
-from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.stdio import stdio_client
 
-from tests.servers.launch import spawn_sdk_server, stop
-
-FSM_HUB = str(Path(sys.executable).with_name("fsm-hub"))
-FAST = [
-    "--ping-interval", "0.2", "--ping-timeout", "0.3", "--ping-misses", "2",
-    "--backoff-base", "0.05", "--backoff-cap", "0.1", "--retry-attempts", "3",
-    "--connect-timeout", "1",
-]  # fmt: skip
-
-
-@dataclass
-class Instance:
-    id: str
-    name: str
-    process: subprocess.Popen[bytes]
-    url: str
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1].split("/")[0])
-
-
-@dataclass
-class Lab:
-    """An instances directory with real SDK servers announced in it, and a log path."""
-
-    root: Path
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    @property
-    def instances_dir(self) -> Path:
-        return self.root / "instances"
-
-    @property
-    def db(self) -> Path:
-        return self.root / "events.db"
-
-    def start(self, instance_id: str, name: str) -> Instance:
-        process, url = spawn_sdk_server(self.root / f"{instance_id}-{len(self.processes)}.log")
-        self.processes.append(process)
-        instance = Instance(instance_id, name, process, url)
-        self.announce(instance)
-        return instance
-
-    def announce(self, instance: Instance) -> None:
-        payload = {
-            "id": instance.id,
-            "name": instance.name,
-            "directory": str(self.root),
-            "port": instance.port,
-            "started_at": "2026-11-25T03:14:15.926535897Z",
-            "last_ping": "2026-11-25T03:14:15.926535897Z",
-            "process_info": {"pid": instance.process.pid, "executable": sys.executable},
-        }
-        temporary = self.instances_dir / f".tmp-{instance.id}"
-        temporary.write_text(json.dumps(payload))
-        temporary.replace(self.instances_dir / f"{instance.id}.json")
-
-    def hub(self, *extra: str) -> StdioServerParameters:
-        args = ["serve", "--mcp", "--db", str(self.db), "--instances-dir", str(self.instances_dir)]
-        return StdioServerParameters(command=FSM_HUB, args=[*args, *FAST, *extra])
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [FSM_HUB, *args, "--db", str(self.db)], capture_output=True, text=True, timeout=30
-        )
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    lab = Lab(tmp_path)
-    lab.instances_dir.mkdir(mode=0o700)
-    yield lab
-    for process in lab.processes:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGCONT)
-    stop(lab.processes)
-
-
-class Notifications:
-    def __init__(self) -> None:
-        self.methods: list[str] = []
-        self.changed = asyncio.Event()
-
-    async def __call__(self, message: Any) -> None:
-        if isinstance(message, mcp_types.ToolListChangedNotification):
-            self.methods.append("notifications/tools/list_changed")
-            self.changed.set()
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 15.0) -> Any:
-    """Poll `check` (sync or async) until it returns something truthy; bounded, never a fixed sleep."""
-    deadline = time.monotonic() + timeout
-    while True:
-        outcome = check()
-        if asyncio.iscoroutine(outcome):
-            outcome = await outcome
-        if outcome:
-            return outcome
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout}s")
-        await asyncio.sleep(0.05)
-
-
-async def states(client: Any) -> dict[str, str]:
-    result = await client.call_tool("instances_list", {})
-    return {i["name"]: i["state"] for i in result.structured_content["instances"]}
-
-
-def transitions(lab: Lab, ref: str) -> list[tuple[str, str, str, str]]:
-    done = lab.cli("history", ref, "--json")
-    assert done.returncode == 0, done.stderr
-    return [
-        (e["data"]["event"], e["data"]["from"], e["data"]["to"], e["data"]["reason"])
-        for e in json.loads(done.stdout)
-        if e["type"] == "transition"
-    ]
-
-
-@pytest.fixture
-async def hub_client(lab: Lab) -> AsyncIterator[tuple[Client, Notifications]]:
-    """The SDK's high-level client (it opens with `server/discover`, falls back to initialize)."""
-    notes = Notifications()
-    async with Client(lab.hub(), message_handler=notes) as client:
-        yield client, notes
+from tests.e2e.lab import Lab, Notifications, all_active, eventually, state_is, transitions
 
 
 async def test_hub_routes_a_session_and_records_why_instances_die_and_return(lab: Lab) -> None:
@@ -156,7 +24,7 @@ async def test_hub_routes_a_session_and_records_why_instances_die_and_return(lab
     # Slow pings: a killed instance can only be noticed through its process being gone.
     slow = ("--ping-interval", "30", "--ping-misses", "5")
     async with Client(lab.hub(*slow), message_handler=notes) as client:
-        await eventually(lambda: _all_active(client, {"api", "web"}))
+        await eventually(lambda: all_active(client, {"api", "web"}))
         listed = json.loads(lab.cli("instances", "--json").stdout)
         assert {i["name"]: i["state"] for i in listed} == {"api": "active", "web": "active"}
         assert set(listed[0]) == {
@@ -187,7 +55,7 @@ async def test_hub_routes_a_session_and_records_why_instances_die_and_return(lab
         failed = await client.call_tool("echo", {"text": "anyone?"})
         assert failed.is_error
         assert time.perf_counter() - started < 0.1
-        await eventually(lambda: _state_is(client, "api", "dead"))
+        await eventually(lambda: state_is(client, "api", "dead"))
         started = time.perf_counter()
         failed = await client.call_tool("echo", {"text": "anyone?"})
         assert time.perf_counter() - started < 0.1
@@ -199,7 +67,7 @@ async def test_hub_routes_a_session_and_records_why_instances_die_and_return(lab
         notes.changed.clear()
         restarted = lab.start(api.id, "api")
         assert restarted.port != api.port
-        await eventually(lambda: _state_is(client, "api", "active"))
+        await eventually(lambda: state_is(client, "api", "active"))
         await asyncio.wait_for(notes.changed.wait(), 5)
         assert "echo" in {t.name for t in (await client.list_tools()).tools}
         echoed = await client.call_tool("echo", {"text": "back"})
@@ -219,9 +87,9 @@ async def test_hub_routes_a_session_and_records_why_instances_die_and_return(lab
     # A new hub on the same log: live instances come back through discovered ("hub restart").
     # Fast pings: one that stops answering while its process lives goes retrying → … → dead.
     async with Client(lab.hub()) as client:
-        await eventually(lambda: _all_active(client, {"api", "web"}))
+        await eventually(lambda: all_active(client, {"api", "web"}))
         os.kill(web.process.pid, signal.SIGSTOP)
-        await eventually(lambda: _state_is(client, "web", "dead"))
+        await eventually(lambda: state_is(client, "web", "dead"))
         os.kill(web.process.pid, signal.SIGCONT)
 
     assert [t[:3] for t in transitions(lab, "web")] == [
@@ -260,7 +128,7 @@ async def test_legacy_client_session_negotiates_and_reads_history(lab: Lab) -> N
         initialized = await session.initialize()
         assert initialized.protocol_version == "2025-11-25"
         assert initialized.server_info.name == "fsm-hub"
-        await eventually(lambda: _state_is(session, "only", "active"))
+        await eventually(lambda: state_is(session, "only", "active"))
         history = await session.call_tool("instances_history", {"instance_id": "only", "limit": 2})
         events = history.structured_content["events"]
         assert [e["data"]["event"] for e in events] == ["connect", "connected"]
@@ -269,12 +137,3 @@ async def test_legacy_client_session_negotiates_and_reads_history(lab: Lab) -> N
         status = (await session.call_tool("hub_status", {})).structured_content
         assert status["states"] == {"active": 1} and status["db"] == str(lab.db)
         assert status["events"] >= 3 and status["uptime_seconds"] >= 0
-
-
-async def _all_active(client: Any, names: set[str]) -> bool:
-    current = await states(client)
-    return set(current) == names and set(current.values()) == {"active"}
-
-
-async def _state_is(client: Any, name: str, state: str) -> bool:
-    return (await states(client)).get(name) == state
