@@ -82,7 +82,8 @@ class Session:
         self.bound: str | None = None
         """The instance this session is connected to; stays bound while it is not active."""
         self._inflight: dict[Any, asyncio.Task[Any]] = {}
-        self._tool_signature: tuple[str, ...] | None = None
+        self._listed_tools: object = object()
+        """The instance tool list the client was last told about (compared by identity)."""
         self._tools = HubTools(self)
         self._named: tuple[list[dict[str, Any]], NamedTools] | None = None
         hub.on_instance_change(self._instance_changed)
@@ -289,9 +290,11 @@ class Session:
         self.list_changed(force=True)
 
     def list_changed(self, *, force: bool = False) -> None:
-        signature = tuple(str(t.get("name")) for t in self.tool_list())
-        if force or signature != self._tool_signature:
-            self._tool_signature = signature
+        # The supervisor swaps in a new list object whenever the instance's tools are refetched,
+        # so the list's identity tells a changed schema from an unchanged one, names alike.
+        tools = self.hub.tools(self.bound) if self.bound is not None else None
+        if force or tools is not self._listed_tools:
+            self._listed_tools = tools
             self.emit({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
             if force:
                 self.emit({"jsonrpc": "2.0", "method": "notifications/resources/list_changed"})
