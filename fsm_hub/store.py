@@ -17,7 +17,7 @@ from typing import Any
 import aiosqlite
 
 from fsm_hub.errors import ConcurrencyError, StoreError
-from fsm_hub.events import HUB_STREAM, NewEvent, StoredEvent, format_time, utc_now
+from fsm_hub.events import HUB_STREAM, NewEvent, StoredEvent, encode_data, format_time, utc_now
 from fsm_hub.schema import check_header, create_file, prepare
 from fsm_hub.view import resolve
 
@@ -158,7 +158,8 @@ class EventLog:
 
 @dataclass(slots=True)
 class _Pending:
-    event: NewEvent
+    stream: str
+    type: str
     at: str
     data_json: str
     expected_version: int | None
@@ -240,9 +241,8 @@ class EventStore:
             raise StoreError("the event store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[StoredEvent] = loop.create_future()
-        event = NewEvent(stream, type, data)  # type: ignore[arg-type]
         self._queue.append(
-            _Pending(event, format_time(self._clock()), json.dumps(data), expected_version, future)
+            _Pending(stream, type, format_time(self._clock()), encode_data(data), expected_version, future)
         )
         self._wakeup.set()
         return future
@@ -275,7 +275,12 @@ class EventStore:
                 await self._wakeup.wait()
                 continue
             queued, self._queue = self._queue, []
-            await self._write(queued)
+            try:
+                await self._write(queued)
+            except Exception as exc:  # never die with producers waiting: fail their appends
+                log.exception("event log writer failed")
+                for pending in queued:
+                    _fail(pending, StoreError(f"cannot write event log {self.path}: {exc}"))
 
     async def _write(self, queued: list[_Pending]) -> None:
         batch = await self._number(queued)
@@ -302,12 +307,12 @@ class EventStore:
 
     async def _number(self, queued: list[_Pending]) -> _Batch:
         """Give each queued event its seq and stream version; refuse stale expectations."""
-        unknown = {p.event.stream for p in queued} - self._versions.keys()
+        unknown = {p.stream for p in queued} - self._versions.keys()
         if unknown:
             await self._load_versions(unknown)
         batch = _Batch()
         for pending in queued:
-            stream = pending.event.stream
+            stream = pending.stream
             current = self._versions[stream]
             expected = pending.expected_version
             if expected is not None and expected != current:
@@ -319,7 +324,7 @@ class EventStore:
             self._seq += 1
             self._versions[stream] = current + 1
             batch.rows.append(
-                (self._seq, stream, current + 1, pending.event.type, pending.at, pending.data_json)
+                (self._seq, stream, current + 1, pending.type, pending.at, pending.data_json)
             )
             batch.pending.append(pending)
         return batch
@@ -345,7 +350,7 @@ class EventStore:
                 pending.retried = True
                 retry.append(pending)
             elif failure is None:
-                stream = pending.event.stream
+                stream = pending.stream
                 _fail(pending, ConcurrencyError(f"stream {stream!r} was appended to meanwhile"))
             else:
                 _fail(pending, failure)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from fsm_hub.events import HUB_STREAM, StoredEvent, format_time, transition_data
+from fsm_hub.events import HUB_STREAM, StoredEvent, encode_data, format_time, transition_data
 from fsm_hub.store import EventStore
 
 START = datetime(2026, 3, 14, 3, 14, 15, 926535, tzinfo=UTC)
@@ -31,7 +30,7 @@ class LogBuilder:
         version = self.versions.get(stream, 0) + 1
         self.versions[stream] = version
         at = format_time(self.start + self.step * len(self.events))
-        event = StoredEvent(len(self.events) + 1, stream, version, type, at, json.dumps(data))
+        event = StoredEvent(len(self.events) + 1, stream, version, type, at, encode_data(data))
         self.events.append(event)
         return event
 
