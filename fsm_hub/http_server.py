@@ -200,11 +200,13 @@ class HttpEndpoint:
         await response.write_eof()
         return response
 
-    async def _get(self, request: web.Request) -> web.StreamResponse:
+    def _checked_session(self, request: web.Request) -> HttpSession | web.Response:
+        """The request's session once Host, Origin and token pass, else the refusal to send."""
         refused = self._refusal(request)
-        if refused is not None:
-            return refused
-        found = self._session(request)
+        return refused if refused is not None else self._session(request)
+
+    async def _get(self, request: web.Request) -> web.StreamResponse:
+        found = self._checked_session(request)
         if isinstance(found, web.Response):
             return found
         if _SSE not in request.headers.get("Accept", ""):
@@ -231,10 +233,7 @@ class HttpEndpoint:
         return response
 
     async def _delete(self, request: web.Request) -> web.Response:
-        refused = self._refusal(request)
-        if refused is not None:
-            return refused
-        found = self._session(request)
+        found = self._checked_session(request)
         if isinstance(found, web.Response):
             return found
         self.sessions.pop(found.session.id, None)

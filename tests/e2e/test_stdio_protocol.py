@@ -78,6 +78,14 @@ class RawHub:
         self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
         return answer
 
+    async def all_active(self) -> bool:
+        """Whether every instance the hub lists is active (and there is at least one)."""
+        listed = await self.request(
+            f"list-{len(self.messages)}", "tools/call", {"name": "instances_list", "arguments": {}}
+        )
+        found = listed["result"]["structuredContent"]["instances"]
+        return bool(found) and all(i["state"] == "active" for i in found)
+
     async def close(self) -> tuple[int, str]:
         assert self.process.stdin is not None
         self.process.stdin.close()
@@ -217,13 +225,7 @@ async def test_signals_stop_cleanly_and_delete_instance_sessions(
     hub = await RawHub.start(lab)
     await hub.initialize()
 
-    async def active() -> bool:
-        listed = await hub.request(
-            f"l{len(hub.messages)}", "tools/call", {"name": "instances_list", "arguments": {}}
-        )
-        return listed["result"]["structuredContent"]["instances"][0]["state"] == "active"
-
-    await eventually(active)
+    await eventually(hub.all_active)
     assert fake.live_sessions
     hub.process.send_signal(signum)
     code = await asyncio.wait_for(hub.process.wait(), 15)
@@ -242,13 +244,7 @@ async def test_cancellation_and_progress_pass_through(lab: Lab) -> None:
     try:
         await hub.initialize()
 
-        async def active() -> bool:
-            listed = await hub.request(
-                f"l{len(hub.messages)}", "tools/call", {"name": "instances_list", "arguments": {}}
-            )
-            return listed["result"]["structuredContent"]["instances"][0]["state"] == "active"
-
-        await eventually(active)
+        await eventually(hub.all_active)
         await hub.request(
             "c", "tools/call", {"name": "instances_connect", "arguments": {"instance_id": "slow"}}
         )
