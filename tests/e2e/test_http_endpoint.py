@@ -122,8 +122,9 @@ async def test_session_lifecycle_over_raw_http(lab: Lab, http_hub: str) -> None:
             return [i["state"] for i in found] == ["active"]
 
         await eventually(gamma_active)
+        arguments = {"instance_id": "gamma"}
         connect = {"jsonrpc": "2.0", "id": 5, "method": "tools/call",
-                   "params": {"name": "instances_connect", "arguments": {"instance_id": "gamma"}}}  # fmt: skip
+                   "params": {"name": "instances_connect", "arguments": arguments}}  # fmt: skip
         async with http.post(http_hub, json=connect, headers=headers) as r:
             assert not (await r.json())["result"]["isError"]
         async with http.delete(http_hub, headers=headers) as r:
