@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -18,12 +19,21 @@ from typing import Any
 import aiohttp
 
 from fsm_hub import __version__
-from fsm_hub.discovery import Announcement, Changed, Discovery, Found, Gone, Updated
+from fsm_hub.discovery import Announcement, Changed, Discovery, Found, Gone, Updated, process_is_running
 from fsm_hub.errors import InstanceUnavailable
 from fsm_hub.events import HUB_STREAM, EventType, StoredEvent
 from fsm_hub.recorder import recorded_machine
 from fsm_hub.store import EventStore
-from fsm_hub.supervisor import DEFAULT_TIMING, Connector, Rediscover, Remove, Sleep, Supervisor, Timing
+from fsm_hub.supervisor import (
+    DEFAULT_TIMING,
+    Connector,
+    Rediscover,
+    Remove,
+    Sleep,
+    Supervisor,
+    Timing,
+    timer,
+)
 from fsm_hub.view import Fold, InstanceView, View, resolve
 
 log = logging.getLogger(__name__)
@@ -68,7 +78,7 @@ class Hub:
         discovery: Discovery,
         *,
         timing: Timing = DEFAULT_TIMING,
-        sleep: Sleep = asyncio.sleep,
+        sleep: Sleep = timer,
         connector: Connector | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -84,6 +94,7 @@ class Hub:
         self._supervisors: dict[str, Supervisor] = {}
         self._listeners: list[InstanceListener] = []
         self._discovery_task: asyncio.Task[None] | None = None
+        self._frozen = False
         self._started = time.monotonic()
         self.open_sessions: set[str] = set()
         """Ids of the MCP sessions connected to this hub now, bound to an instance or not."""
@@ -115,6 +126,7 @@ class Hub:
         await self._reconcile(first, initial=True)
         for supervisor in self._supervisors.values():
             supervisor.start()
+        self._freeze_long_lived()
         self._discovery_task = asyncio.create_task(self._follow(changes), name="fsm-hub-discovery")
 
     async def settle(self, timeout: float) -> None:
@@ -138,7 +150,21 @@ class Hub:
         await asyncio.gather(*(s.stop() for s in self._supervisors.values()))
         if self._http is not None:
             await self._http.close()
+        if self._frozen:
+            gc.unfreeze()  # what died meanwhile can be collected again
+            self._frozen = False
         await self.store.append(HUB_STREAM, EventType.HUB_STOPPED, {"pid": os.getpid(), "reason": reason})
+
+    def _freeze_long_lived(self) -> None:
+        """Keep the cyclic collector off the supervisors' state machines.
+
+        Each InstanceMachine holds some 340 GC-tracked objects for as long as the hub runs; with
+        a thousand instances every full collection rescanned them all, which cost more CPU than
+        the supervisors' own work (tools/bench_supervise.py). Frozen objects are still freed by
+        reference counting; `stop` unfreezes.
+        """
+        gc.freeze()
+        self._frozen = True
 
     def _default_connector(self, url: str) -> Any:
         from fsm_hub.client import McpClient
@@ -149,10 +175,13 @@ class Hub:
 
     async def _follow(self, changes: AsyncIterator[Sequence[Found | Changed | Updated | Gone]]) -> None:
         async for batch in changes:
+            supervised = len(self._supervisors)
             try:
                 await self._reconcile(batch, initial=False)
             except Exception:
                 log.exception("could not apply discovery changes")
+            if len(self._supervisors) > supervised:
+                self._freeze_long_lived()
 
     async def _reconcile(self, batch: Sequence[Found | Changed | Updated | Gone], *, initial: bool) -> None:
         seen: set[str] = set()
@@ -165,7 +194,7 @@ class Hub:
         if initial:
             for instance in list(self.view.instances.values()):
                 if instance.id not in seen and instance.state != "dead":
-                    await self._gone(instance.id, "instance file gone while the hub was stopped")
+                    await self._gone(instance.id, self._why_missing(instance))
 
     async def _announced(self, announcement: Announcement, *, start: bool) -> None:
         known = self.view.instances.get(announcement.id)
@@ -193,6 +222,14 @@ class Hub:
         else:
             supervisor = existing
         await supervisor.deliver(Rediscover(announcement.url, what_changed(known, announcement)))
+
+    def _why_missing(self, instance: InstanceView) -> str:
+        """Why an instance the log knows is not among the announcements found at start."""
+        if not (self.discovery.directory / f"{instance.id}.json").exists():
+            return "instance file gone while the hub was stopped"
+        if instance.pid is not None and not process_is_running(instance.pid):
+            return f"process {instance.pid} is gone"
+        return "instance file no longer usable"  # refused or unreadable; discovery said why
 
     async def _gone(self, instance_id: str, reason: str) -> None:
         supervisor = self._supervisors.get(instance_id)

@@ -10,12 +10,13 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from fsm_hub.client import as_call_tool_result
-from fsm_hub.errors import FsmHubError, InstanceUnavailable, TransportError
+from fsm_hub.errors import InstanceUnavailable, TransportError
 from fsm_hub.machine import InstanceMachine
 from fsm_hub.recorder import fire
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
 OnMessage = Callable[[dict[str, Any]], Any]
+TOOLS_CHANGED = "notifications/tools/list_changed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,24 @@ class Timing:
 DEFAULT_TIMING = Timing()
 
 
+def timer(seconds: float) -> asyncio.Future[None]:
+    """The default `sleep`: asyncio.sleep as a bare future resolved by `call_later`.
+
+    A supervisor sets two timers per ping; as futures rather than tasks, a thousand supervisors
+    pinging every few seconds cost a fraction of what `asyncio.sleep` tasks would.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+    handle = loop.call_later(seconds, _resolve, future)
+    future.add_done_callback(lambda _: handle.cancel())
+    return future
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def backoff_delay(attempt: int, timing: Timing, rng: random.Random) -> float:
     """Exponential backoff with full jitter: uniform in [0, min(cap, base·factor^(attempt-1))]."""
     ceiling = min(timing.backoff_cap, timing.backoff_base * timing.backoff_factor ** max(attempt - 1, 0))
@@ -58,6 +78,8 @@ class InstanceClient(Protocol):
 
     protocol_version: str | None
 
+    @property
+    def session_id(self) -> str | None: ...
     async def initialize(self) -> dict[str, Any]: ...
     async def list_tools(self) -> list[dict[str, Any]]: ...
     async def ping(self, timeout: float | None = None) -> None: ...
@@ -70,7 +92,9 @@ class InstanceClient(Protocol):
         on_message: OnMessage | None = None,
     ) -> dict[str, Any]: ...
     async def notify(self, method: str, params: dict[str, Any] | None = None) -> None: ...
-    async def listen(self, on_message: OnMessage) -> None: ...
+    def listen(self, on_message: OnMessage) -> asyncio.Task[None]:
+        """Read the standalone GET stream in a task the client owns (and cancels on close)."""
+        ...
     async def close(self) -> None: ...
 
 
@@ -112,7 +136,7 @@ class Supervisor:
         *,
         connector: Connector,
         timing: Timing = DEFAULT_TIMING,
-        sleep: Sleep = asyncio.sleep,
+        sleep: Sleep = timer,
         rng: random.Random | None = None,
         on_change: Callable[[Supervisor], None] = lambda _: None,
     ) -> None:
@@ -129,7 +153,8 @@ class Supervisor:
         self._on_change = on_change
         self._client: InstanceClient | None = None
         self._listener: asyncio.Task[None] | None = None
-        self._inbox: asyncio.Queue[Command] = asyncio.Queue()
+        self._inbox: deque[Command] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     # -- outside world ----------------------------------------------------------------------
@@ -147,7 +172,8 @@ class Supervisor:
         return self._task
 
     def send(self, command: Command) -> None:
-        self._inbox.put_nowait(command)
+        self._inbox.append(command)
+        self._wake()
 
     async def deliver(self, command: Command) -> None:
         """Queue `command` for the running loop, or apply it now if the loop has not started."""
@@ -160,7 +186,8 @@ class Supervisor:
         """Cancel the loop and close the instance session; records nothing (hub stop is not death)."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A loop that failed was logged by run(); stopping must still close the session.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         await self._disconnect()
 
@@ -175,9 +202,14 @@ class Supervisor:
         client = self._client
         if client is None or self.state != "active":
             raise InstanceUnavailable(self.instance_id, self.state, self.last_error)
+
+        def relay(message: dict[str, Any]) -> Any:
+            self._notice(message)  # a call that changes the tools announces it on its own stream
+            return on_message(message) if on_message is not None else None
+
         try:
             result = await client.request(
-                method, params, timeout=self.timing.call_timeout, on_message=on_message
+                method, params, timeout=self.timing.call_timeout, on_message=relay
             )
         except TransportError:
             self.send(CheckNow())
@@ -211,11 +243,11 @@ class Supervisor:
         elif state == "active":
             await self._watch()
         elif state == "retrying":
-            attempt = int(self.machine.model.attempt)
-            delay = backoff_delay(attempt + 1, self.timing, self._rng)
+            attempt = int(self.machine.model.attempt) + 1
+            delay = backoff_delay(attempt, self.timing, self._rng)
             command = await self._wait(delay)
             if command is None:
-                await self._fire("connect", reason=f"retry {attempt + 1} after {delay:.3f}s backoff")
+                await self._fire("connect", reason=f"retry {attempt} after {delay:.3f}s backoff")
             else:
                 await self._handle(command)
         else:  # dead: only discovery brings it back
@@ -226,16 +258,21 @@ class Supervisor:
     async def _connect(self) -> None:
         client = self._connector(self.url)
         try:
-            result = await self._within(self._handshake(client), self.timing.connect_timeout, "handshake")
-        except (FsmHubError, OSError) as exc:
-            await _close_quietly(client)
-            self.last_error = str(exc)
-            await self._fire("connect_failed", reason="handshake failed", error=str(exc))
+            tools = await self._within(self._handshake(client), self.timing.connect_timeout, "handshake")
+        except asyncio.CancelledError:
+            await _close_quietly(client)  # the hub is stopping: leave no session behind
+            raise
+        except Exception as exc:  # whatever the instance did wrong, it is a failed connect
+            self.last_error = _describe(exc)
+            try:
+                await self._fire("connect_failed", reason="handshake failed", error=self.last_error)
+            finally:
+                await _close_quietly(client)
             return
-        self._client, self.tools, self.last_error = client, result, None
-        self._listener = asyncio.create_task(self._listen(client), name=f"listen-{self.instance_id}")
+        self._client, self.tools, self.last_error = client, tools, None
         version = client.protocol_version or "?"
-        await self._fire("connected", reason=f"handshake ok (MCP {version}, {len(result)} tools)")
+        await self._fire("connected", reason=f"handshake ok (MCP {version}, {len(tools)} tools)")
+        self._listen(client)
 
     async def _handshake(self, client: InstanceClient) -> list[dict[str, Any]]:
         await client.initialize()
@@ -243,102 +280,169 @@ class Supervisor:
 
     async def _watch(self) -> None:
         """Active: ping every interval; `ping_misses` misses in a row make it lost."""
-        misses, error = 0, ""
+        client = self._client
+        assert client is not None
+        session = client.session_id
+        misses = 0
         while self.state == "active":
-            command = await self._wait(self.timing.ping_interval)
-            if command is not None and not isinstance(command, CheckNow):
+            command = await self._wait(self.timing.ping_interval, active=True)
+            if isinstance(command, Rediscover | Remove | RefreshTools):
                 await self._handle(command)
                 continue
-            client = self._client
-            assert client is not None
             try:
                 await self._within(client.ping(self.timing.ping_timeout), self.timing.ping_timeout, "ping")
-            except (FsmHubError, OSError) as exc:
-                misses, error = misses + 1, str(exc)
+            except Exception as exc:
+                misses += 1
                 if misses >= self.timing.ping_misses:
-                    self.last_error = error
+                    self.last_error = _describe(exc)
+                    await self._fire("lost", reason=f"{misses} pings missed", error=self.last_error)
                     await self._disconnect()
-                    await self._fire("lost", reason=f"{misses} pings missed", error=error)
                 continue
             misses = 0
+            if client.session_id != session:
+                # The client re-initialized a lost session: the GET stream and any
+                # list_changed sent meanwhile belonged to the old one.
+                session = client.session_id
+                await self._stop_listening()
+                self._listen(client)
+                await self._refresh_tools()
 
     async def _handle(self, command: Command) -> None:
         if isinstance(command, Rediscover):
-            self.url = command.url
-            await self._disconnect()
             await self._fire("rediscover", reason=command.reason)
-        elif isinstance(command, Remove):
             await self._disconnect()
+            self.url = command.url
+        elif isinstance(command, Remove):
             self.last_error = command.reason
             await self._fire("remove", reason=command.reason, error=command.reason)
-        elif isinstance(command, RefreshTools) and self._client is not None:
-            try:
-                self.tools = await self._within(
-                    self._client.list_tools(), self.timing.connect_timeout, "tools/list"
-                )
-            except (FsmHubError, OSError) as exc:
-                log.warning("refreshing tools of %s failed: %s", self.instance_id, exc)
-            self._on_change(self)
+            await self._disconnect()
+        elif isinstance(command, RefreshTools) and self.state == "active":
+            await self._refresh_tools()
 
     async def _fire(self, event: str, *, reason: str, error: str | None = None) -> None:
         await fire(self.machine, event, reason=reason, error=error)
         self._on_change(self)
 
+    async def _refresh_tools(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        try:
+            self.tools = await self._within(client.list_tools(), self.timing.connect_timeout, "tools/list")
+        except Exception as exc:  # the next ping decides whether the instance is still there
+            log.warning("refreshing tools of %s failed: %s", self.instance_id, _describe(exc))
+        self._on_change(self)
+
     # -- plumbing ---------------------------------------------------------------------------
 
-    async def _wait(self, delay: float | None) -> Command | None:
-        """The next command, or None once `delay` seconds (of the injected clock) pass."""
-        if not self._inbox.empty():
-            return self._inbox.get_nowait()
-        getter = asyncio.ensure_future(self._inbox.get())
-        if delay is None:
-            return await getter
-        timer = asyncio.ensure_future(self._sleep(delay))
+    async def _wait(self, delay: float | None, *, active: bool = False) -> Command | None:
+        """The next command, or None once `delay` seconds (of the injected clock) pass.
+
+        Unless the instance is active, RefreshTools and CheckNow are stale and dropped: they
+        must neither cut a backoff short nor draw a new one.
+        """
+        alarm = None if delay is None else asyncio.ensure_future(self._sleep(delay))
+        if alarm is not None:
+            alarm.add_done_callback(self._wake)
         try:
-            await asyncio.wait((getter, timer), return_when=asyncio.FIRST_COMPLETED)
+            while True:  # a wake may be spurious: look again every time
+                while self._inbox:
+                    command = self._inbox.popleft()
+                    if active or isinstance(command, Rediscover | Remove):
+                        return command
+                if alarm is not None and alarm.done():
+                    alarm.result()  # a failing sleeper fails loudly
+                    return None
+                self._wakeup = asyncio.get_running_loop().create_future()
+                await self._wakeup
         finally:
-            timer.cancel()
-            getter.cancel()
-        if getter.done() and not getter.cancelled():
-            return getter.result()
-        return None
+            self._wakeup = None
+            if alarm is not None:
+                alarm.remove_done_callback(self._wake)
+                alarm.cancel()
+
+    def _wake(self, _: object = None) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
 
     async def _within(self, work: Awaitable[T], seconds: float, what: str) -> T:
-        """Await `work` for at most `seconds` of the injected clock."""
-        task = asyncio.ensure_future(work)
-        timer = asyncio.ensure_future(self._sleep(seconds))
+        """Await `work` in this task, cancelling it once `seconds` of the injected clock pass.
+
+        asyncio.timeout's way (cancel the task, tell our cancellation from anyone else's by
+        `uncancel`), on the injected clock, and without a task per call.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        deadline = _Deadline(task)
+        alarm = asyncio.ensure_future(self._sleep(seconds))
+        alarm.add_done_callback(deadline.expire)
         try:
-            await asyncio.wait((task, timer), return_when=asyncio.FIRST_COMPLETED)
+            result = await work
+        except BaseException:
+            # Expired, and nobody else cancelled us: whatever the work made of our
+            # cancellation (CancelledError, or its own error) means it ran out of time.
+            if deadline.expired and task.uncancel() == 0:
+                raise TransportError(f"{what} timed out after {seconds:g}s") from None
+            raise
         finally:
-            timer.cancel()
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        if task.cancelled():
-            raise TransportError(f"{what} timed out after {seconds:g}s")
-        return task.result()
+            deadline.over = True
+            alarm.cancel()
+        if deadline.expired:  # the work swallowed our cancellation: don't leave it counted
+            task.uncancel()
+        return result
 
-    async def _listen(self, client: InstanceClient) -> None:
-        def on_message(message: dict[str, Any]) -> None:
-            if message.get("method") == "notifications/tools/list_changed":
-                self.send(RefreshTools())
+    def _notice(self, message: dict[str, Any]) -> None:
+        if message.get("method") == TOOLS_CHANGED:
+            self.send(RefreshTools())
 
-        with contextlib.suppress(FsmHubError, OSError):
-            await client.listen(on_message)
+    def _listen(self, client: InstanceClient) -> None:
+        """Follow the instance's GET stream (if it offers one) for list_changed."""
+        self._listener = client.listen(self._notice)
+        self._listener.add_done_callback(_retrieve)
 
-    async def _disconnect(self) -> None:
+    async def _stop_listening(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await listener
+            await asyncio.wait([listener])
+
+    async def _disconnect(self) -> None:
+        await self._stop_listening()
         client, self._client = self._client, None
         self.tools = None
         if client is not None:
             await _close_quietly(client)
 
 
+class _Deadline:
+    """Cancels the task awaiting some work when its alarm goes off, unless the work is over."""
+
+    __slots__ = ("expired", "over", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.expired = False
+        self.over = False
+
+    def expire(self, alarm: asyncio.Future[None]) -> None:
+        # `over` guards against a callback already scheduled when the work finished.
+        if self.over or alarm.cancelled():
+            return
+        self.expired = True
+        self.task.cancel()
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """The stream ended (405, server gone, cancelled): only pings decide about the instance."""
+    if not task.cancelled():
+        task.exception()
+
+
 async def _close_quietly(client: InstanceClient) -> None:
-    with contextlib.suppress(FsmHubError, OSError, asyncio.TimeoutError):
+    with contextlib.suppress(Exception):
         await client.close()

@@ -120,3 +120,90 @@ def sample_log(tmp_path: Path) -> Sample:
 
 
 # ----------------------------------------------------------------------------- end event log
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervision (used by test_supervisor, test_hub): virtual time for supervisors' timers and an
+# MCP server whose availability a test switches. Helpers live in tests/supervision.py.
+# ---------------------------------------------------------------------------------------------
+pytest.register_assert_rewrite("tests.supervision")  # its helpers assert the timers they see
+
+from tests.servers.flaky import FlakyMcp  # noqa: E402
+from tests.supervision import ManualClock  # noqa: E402
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """The `sleep` to inject: virtual seconds that pass only on `clock.advance(seconds)`."""
+    return ManualClock()
+
+
+@pytest.fixture
+async def flaky_mcp() -> AsyncIterator[Callable[..., Awaitable[FlakyMcp]]]:
+    """``await flaky_mcp(**quirks)`` starts a FlakyMcp (pause/resume, down/up); stopped at teardown."""
+    started: list[FlakyMcp] = []
+
+    async def start(**quirks: Any) -> FlakyMcp:
+        flaky = FlakyMcp(**quirks)
+        await flaky.start()
+        started.append(flaky)
+        return flaky
+
+    yield start
+    for flaky in started:
+        flaky.resume()
+        await flaky.stop()
+
+
+# ----------------------------------------------------------------------------- end supervision
+
+
+# ---------------------------------------------------------------------------------------------
+# MCP serving (used by test_mcp_server, test_http_server): a live hub in the test's loop, with
+# instances that are in-process fault servers (tests/servers/) on short real timers.
+# ---------------------------------------------------------------------------------------------
+from fsm_hub.discovery import Discovery  # noqa: E402
+from fsm_hub.hub import Hub  # noqa: E402
+from fsm_hub.supervisor import Timing  # noqa: E402
+from tests.live_hub import FAST, LiveHub  # noqa: E402
+from tests.servers.slow import SlowMcp  # noqa: E402
+
+
+@pytest.fixture
+async def live_hub(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[LiveHub]]]:
+    """``await live_hub(timing=FAST)``: a started Hub on a fresh log and instances directory.
+
+    Its sessions (made with ``live.session()``) are closed and the hub stopped at teardown.
+    """
+    started: list[LiveHub] = []
+
+    async def start(timing: Timing = FAST) -> LiveHub:
+        instances = tmp_path / f"instances-{len(started)}"
+        instances.mkdir(mode=0o700)
+        store = await EventStore.open(tmp_path / f"hub-{len(started)}.db")
+        discovery = Discovery(instances, use_watcher=False, poll_interval=0.02, warn=lambda _: None)
+        hub = Hub(store, discovery, timing=timing)
+        await hub.start()
+        live = LiveHub(hub, store, instances)
+        started.append(live)
+        return live
+
+    yield start
+    for live in started:
+        for session in live.sessions:
+            if not session.closed:
+                await session.close("test over")
+        await live.hub.stop("test over")
+        await live.store.close()
+
+
+@pytest.fixture
+async def slow_mcp() -> AsyncIterator[SlowMcp]:
+    """A FakeMcp whose `sleep` tool never answers and which records `notifications/cancelled`."""
+    slow = SlowMcp()
+    await slow.start()
+    yield slow
+    await slow.stop()
+
+
+# ----------------------------------------------------------------------------- end MCP serving
