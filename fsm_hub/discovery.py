@@ -339,7 +339,23 @@ def scan(directory: Path, *, allow_remote: bool = False, warn: Warn = warn_to_st
     return result
 
 
-def _scan(directory: Path, allow_remote: bool) -> ScanResult:
+FileKey = tuple[int, int, int, int, int, int, int]
+ParseCache = dict[str, tuple[FileKey, Announcement]]
+
+
+def _file_key(entry: os.DirEntry[str]) -> FileKey | None:
+    """What tells an unchanged file (not following links): a swap, rewrite or chmod changes it."""
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_uid)
+
+
+def _scan(directory: Path, allow_remote: bool, cache: ParseCache | None = None) -> ScanResult:
+    """One look at the directory. With `cache`, files unchanged since the last look are not
+    re-read or re-parsed (a poll of 1,000 instances every second would otherwise cost ~2 % of a
+    core); their process is still checked every time."""
     try:
         st = os.stat(directory)
         refusal = directory_refusal(directory, st)
@@ -357,6 +373,7 @@ def _scan(directory: Path, allow_remote: bool) -> ScanResult:
     stale: dict[str, str] = {}
     unreadable: set[str] = set()
     problems: list[Problem] = []
+    seen: set[str] = set()
 
     def skip(file_id: str, path: Path, exc: DiscoveryError, seen: str) -> None:
         if isinstance(exc, RefusedAnnouncement):
@@ -373,6 +390,12 @@ def _scan(directory: Path, allow_remote: bool) -> ScanResult:
             continue  # not an announcement: temp files (`.tmp-instance-*`), editor backups, ...
         file_id = name.removesuffix(".json")
         path = Path(entry.path)
+        key = _file_key(entry) if cache is not None else None
+        hit = cache.get(name) if cache is not None else None
+        if hit is not None and key is not None and hit[0] == key:
+            seen.add(name)
+            _keep(hit[1], announcements, stale)
+            continue
         try:
             data = _read(path)
         except FileNotFoundError:
@@ -385,11 +408,21 @@ def _scan(directory: Path, allow_remote: bool) -> ScanResult:
         except DiscoveryError as exc:
             skip(file_id, path, exc, hashlib.sha256(data).hexdigest())
             continue
-        if announcement.pid is not None and not process_is_running(announcement.pid):
-            stale[file_id] = f"process {announcement.pid} is gone"
-        else:
-            announcements[file_id] = announcement
+        if cache is not None and key is not None:
+            cache[name] = (key, announcement)
+            seen.add(name)
+        _keep(announcement, announcements, stale)
+    if cache is not None:
+        for name in cache.keys() - seen:
+            del cache[name]
     return ScanResult(announcements, stale, frozenset(unreadable), tuple(problems), None)
+
+
+def _keep(announcement: Announcement, announcements: dict[str, Announcement], stale: dict[str, str]) -> None:
+    if announcement.pid is not None and not process_is_running(announcement.pid):
+        stale[announcement.id] = f"process {announcement.pid} is gone"
+    else:
+        announcements[announcement.id] = announcement
 
 
 def _stat_seen(path: Path) -> str:
@@ -489,6 +522,7 @@ class Discovery:
         self._sleep = sleep
         self._use_watcher = use_watcher
         self._current: dict[str, Announcement] = {}
+        self._parsed: ParseCache = {}
         self._refused: str | None = None
         self._reported: frozenset[Problem] = frozenset()
         self._said: set[str] = set()
@@ -506,7 +540,7 @@ class Discovery:
 
     def poll_once(self) -> list[Change]:
         """Scan now; return what changed since the last scan (the first time: all as Found)."""
-        result = _scan(self.directory, self.allow_remote)
+        result = _scan(self.directory, self.allow_remote, self._parsed)
         for problem in result.problems:
             if problem not in self._reported:
                 self._warn(str(problem))

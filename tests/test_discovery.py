@@ -670,3 +670,45 @@ def test_default_instances_dir_falls_back_to_the_temp_dir() -> None:
     assert default_instances_dir({"XDG_RUNTIME_DIR": ""}) == (
         Path(tempfile.gettempdir()) / "brummer" / "instances"
     )
+
+
+# --- unchanged files are not re-read ---------------------------------------------------------
+
+
+def test_a_same_size_rewrite_with_the_old_mtime_is_still_seen(instances: Path) -> None:
+    path = announce(instances, port=7001)
+    discovery = Discovery(instances, warn=Warnings(), use_watcher=False)
+    discovery.poll_once()
+    before = os.stat(path)
+    path.write_text(path.read_text().replace("7001", "7002"))  # same size, in place
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old mtime
+
+    [changed] = discovery.poll_once()
+
+    assert isinstance(changed, Changed) and changed.announcement.port == 7002
+
+
+def test_a_known_file_swapped_for_a_symlink_is_refused(instances: Path, tmp_path: Path) -> None:
+    path = announce(instances)
+    discovery = Discovery(instances, warn=Warnings(), use_watcher=False)
+    discovery.poll_once()
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_bytes(path.read_bytes())
+    path.unlink()
+    path.symlink_to(elsewhere)
+
+    [gone] = discovery.poll_once()
+
+    assert isinstance(gone, Gone) and "symbolic link" in gone.reason
+
+
+def test_an_unchanged_file_of_a_dead_process_is_gone(instances: Path, sleeper: subprocess.Popen[bytes]) -> None:
+    announce(instances, process_info={"pid": sleeper.pid, "executable": "sleep"})
+    discovery = Discovery(instances, warn=Warnings(), use_watcher=False)
+    [found] = discovery.poll_once()
+    assert isinstance(found, Found)
+    kill(sleeper)
+
+    [gone] = discovery.poll_once()  # the file is untouched, so only the pid check can tell
+
+    assert gone == Gone("abc123", f"process {sleeper.pid} is gone")
