@@ -702,7 +702,9 @@ def test_a_known_file_swapped_for_a_symlink_is_refused(instances: Path, tmp_path
     assert isinstance(gone, Gone) and "symbolic link" in gone.reason
 
 
-def test_an_unchanged_file_of_a_dead_process_is_gone(instances: Path, sleeper: subprocess.Popen[bytes]) -> None:
+def test_an_unchanged_file_of_a_dead_process_is_gone(
+    instances: Path, sleeper: subprocess.Popen[bytes]
+) -> None:
     announce(instances, process_info={"pid": sleeper.pid, "executable": "sleep"})
     discovery = Discovery(instances, warn=Warnings(), use_watcher=False)
     [found] = discovery.poll_once()
