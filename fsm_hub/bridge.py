@@ -16,11 +16,15 @@ from typing import Any
 import aiohttp
 
 from fsm_hub.errors import TransportError
+from fsm_hub.mcp_server import needs_answer
 from fsm_hub.ownership import Owner
 from fsm_hub.stdio import StdioChannel
 
 log = logging.getLogger(__name__)
 SESSION_HEADER = "Mcp-Session-Id"
+GONE_STATUSES = frozenset({401, 404, 503})
+"""What a live endpoint answers when it is not (or no longer) the owner our session lives on:
+another token, a session it does not know, or an owner that is stopping."""
 
 
 class OwnerGone(TransportError):
@@ -28,12 +32,17 @@ class OwnerGone(TransportError):
 
 
 class Bridge:
-    def __init__(self, channel: StdioChannel, owner: Owner) -> None:
+    def __init__(
+        self, channel: StdioChannel, owner: Owner, *, on_lost: Callable[[Owner], None] | None = None
+    ) -> None:
         self.channel = channel
         self.owner = owner
         self.session_id: str | None = None
         self.initialize: dict[str, Any] | None = None
         self.connected_to: dict[str, Any] | None = None
+        self._on_lost = on_lost
+        """Called when the GET stream of a live session ends: the owner is probably gone, and
+        an idle client must not wait for its next call to find out."""
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=2),
             connector=aiohttp.TCPConnector(limit=0),
@@ -41,10 +50,7 @@ class Bridge:
         self._listener: asyncio.Task[None] | None = None
 
     async def close(self, *, end_session: bool) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
+        await self._stop_listening()
         if end_session and self.session_id is not None:
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 async with self._http.delete(
@@ -53,14 +59,15 @@ class Bridge:
                     pass
         await self._http.close()
 
-    def _headers(self) -> dict[str, str]:
+    def _headers(self, owner: Owner | None = None, session_id: str | None = None) -> dict[str, str]:
         headers = {
-            "Authorization": f"Bearer {self.owner.token}",
+            "Authorization": f"Bearer {(owner or self.owner).token}",
             "Accept": "application/json, text/event-stream",
             "Content-Type": "application/json",
         }
-        if self.session_id is not None:
-            headers[SESSION_HEADER] = self.session_id
+        session_id = session_id if owner is not None else self.session_id
+        if session_id is not None:
+            headers[SESSION_HEADER] = session_id
         return headers
 
     def remember(self, message: Any) -> None:
@@ -81,17 +88,17 @@ class Bridge:
         """POST one client message to the owner and write whatever it answers to stdout."""
         try:
             async with self._http.post(self.owner.url, data=line, headers=self._headers()) as response:
-                if response.status == 404 and self.session_id is not None:
-                    raise OwnerGone("the owning hub no longer knows this session")
+                if response.status in GONE_STATUSES:
+                    raise OwnerGone(f"the owning hub answered HTTP {response.status}")
                 new_id = response.headers.get(SESSION_HEADER)
                 if new_id and new_id != self.session_id:
                     self.session_id = new_id
                     self._listen()
-                await self._forward(response)
-        except (TimeoutError, aiohttp.ClientConnectionError, ConnectionError) as exc:
+                await self._forward(response, needs_answer(message))
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             raise OwnerGone(f"owning hub unreachable: {exc}") from None
 
-    async def _forward(self, response: aiohttp.ClientResponse) -> None:
+    async def _forward(self, response: aiohttp.ClientResponse, answer: bool) -> None:
         if response.status == 202:
             return
         kind = response.headers.get("Content-Type", "")
@@ -100,7 +107,7 @@ class Bridge:
                 self.channel.write(message.encode())
             return
         body = await response.read()
-        if body.strip():
+        if answer and body.strip():  # a notification gets no answer, not even an error
             self.channel.write(body.strip())
 
     def _listen(self) -> None:
@@ -108,19 +115,27 @@ class Bridge:
             self._listener.cancel()
         self._listener = asyncio.create_task(self._notifications(), name="bridge-notifications")
 
-    async def _notifications(self) -> None:
-        headers = self._headers()
-        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            async with self._http.get(self.owner.url, headers=headers) as response:
-                if response.status != 200:
-                    return
-                async for message in sse_messages(response.content):
-                    self.channel.write(message.encode())
+    async def _stop_listening(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await listener
 
-    async def reattach(self, owner: Owner, call: Callable[[dict[str, Any]], Awaitable[Any]]) -> None:
+    async def _notifications(self) -> None:
+        owner = self.owner
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            async with self._http.get(owner.url, headers=self._headers()) as response:
+                if response.status == 200:
+                    async for message in sse_messages(response.content):
+                        self.channel.write(message.encode())
+        # The owner ended the stream (it is stopping or gone) or refused it: not our doing,
+        # since closing the bridge cancels this task first.
+        if self._on_lost is not None:
+            self._on_lost(owner)
+
+    async def reattach(self, call: Callable[[dict[str, Any]], Awaitable[Any]]) -> None:
         """Re-establish this client's session through `call` (a new owner, or our own hub)."""
-        self.owner = owner
-        self.session_id = None
         if self.initialize is not None:
             await call(self.initialize)
             await call({"jsonrpc": "2.0", "method": "notifications/initialized"})
@@ -135,21 +150,29 @@ class Bridge:
             )
 
     async def replay_remote(self, owner: Owner) -> None:
-        """Re-establish the session on another process that took over."""
+        """Re-establish the session on `owner` (another process that took over, or the same
+        one if it lost our session); nothing changes if that fails."""
+        session_id: str | None = None
 
         async def call(message: dict[str, Any]) -> None:
+            nonlocal session_id
             data = json.dumps(message).encode()
-            async with self._http.post(owner.url, data=data, headers=self._headers()) as response:
-                new_id = response.headers.get(SESSION_HEADER)
-                if new_id:
-                    self.session_id = new_id
+            async with self._http.post(
+                owner.url, data=data, headers=self._headers(owner, session_id)
+            ) as response:
+                if response.status >= 400:
+                    raise OwnerGone(f"{owner.url} answered HTTP {response.status}")
+                session_id = response.headers.get(SESSION_HEADER) or session_id
                 await response.read()
 
+        await self._stop_listening()
         try:
-            await self.reattach(owner, call)
+            await self.reattach(call)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise OwnerGone(f"new owner unreachable: {exc}") from None
-        self._listen()
+        self.owner, self.session_id = owner, session_id
+        if session_id is not None:
+            self._listen()
 
 
 async def sse_messages(stream: aiohttp.StreamReader) -> Any:

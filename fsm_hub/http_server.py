@@ -7,6 +7,7 @@ the official SDK do, so a web page cannot drive the hub through DNS rebinding.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -24,6 +25,7 @@ from fsm_hub.mcp_server import (
     METHODS,
     Session,
     error_response,
+    needs_answer,
     parse_error,
     request_emit,
 )
@@ -31,6 +33,8 @@ from fsm_hub.mcp_server import (
 log = logging.getLogger(__name__)
 
 SESSION_HEADER = "Mcp-Session-Id"
+BACKLOG = 256
+"""Server messages a session keeps while no GET stream is open to carry them (oldest dropped)."""
 _JSON = "application/json"
 _SSE = "text/event-stream"
 
@@ -45,6 +49,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
 def split_host(value: str) -> str:
     """The host part of a `Host` header value (`[::1]:8080` → `::1`)."""
     if value.startswith("["):
@@ -55,8 +66,16 @@ def split_host(value: str) -> str:
 @dataclass(slots=True)
 class HttpSession:
     session: Session
-    outbox: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
-    streams: int = 0
+    outbox: asyncio.Queue[dict[str, Any]]
+    """Server-initiated messages for the session's GET stream; kept (up to BACKLOG) until one
+    is open, so a notification sent just before the client opens it is not lost."""
+    streams: set[asyncio.Task[Any]] = field(default_factory=set)
+    """The handlers of its open GET streams, ended when the session is."""
+
+    async def close(self, reason: str) -> None:
+        for stream in self.streams:
+            stream.cancel()
+        await self.session.close(reason)
 
 
 class HttpEndpoint:
@@ -69,8 +88,7 @@ class HttpEndpoint:
         self.token = token
         self.sessions: dict[str, HttpSession] = {}
         self._runner: web.AppRunner | None = None
-        self._streams: set[asyncio.Task[Any]] = set()
-        """The handlers of open GET streams: they never end on their own."""
+        self._stopping = False
 
     @property
     def url(self) -> str:
@@ -82,7 +100,10 @@ class HttpEndpoint:
         app.router.add_post("/mcp", self._post)
         app.router.add_get("/mcp", self._get)
         app.router.add_delete("/mcp", self._delete)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # Stopping closes every session (cancelling its handlers) before the runner: what is
+        # left is idle keep-alive connections, which must not hold the hub's exit (and with it
+        # the log's lock, which an attached process is waiting to take over) for aiohttp's 60 s.
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
@@ -91,17 +112,21 @@ class HttpEndpoint:
         return self.url
 
     async def stop(self, reason: str = "hub stopped") -> None:
+        self._stopping = True  # no new session may start on a hub that is going away
         for entry in list(self.sessions.values()):
-            await entry.session.close(reason)
+            await entry.close(reason)
         self.sessions.clear()
-        for task in list(self._streams):
-            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
 
     # -- checks -----------------------------------------------------------------------------
 
     def _refusal(self, request: web.Request) -> web.Response | None:
+        if self._stopping:
+            stopping = error_response(None, INVALID_REQUEST, "fsm-hub is stopping")
+            refusal = web.json_response(stopping, status=503)
+            refusal.force_close()  # leave no keep-alive connection for the shutdown to wait on
+            return refusal
         host_header = request.headers.get("Host", "")
         if not is_loopback(split_host(host_header)) and not self._is_own_host(host_header):
             return web.json_response(
@@ -120,8 +145,17 @@ class HttpEndpoint:
         return None
 
     def _is_own_host(self, host_header: str) -> bool:
-        """When bound to a non-loopback address on purpose, that address is our own Host."""
-        return not is_loopback(self.host) and split_host(host_header) == self.host
+        """When bound to a non-loopback address on purpose, that address is our own Host.
+
+        Bound to a wildcard (0.0.0.0, ::), any IP literal is: DNS rebinding needs a name.
+        """
+        if is_loopback(self.host):
+            return False
+        host = split_host(host_header)
+        bound = _ip_literal(self.host)
+        if bound is not None and bound.is_unspecified:
+            return _ip_literal(host) is not None
+        return host == self.host
 
     def _session(self, request: web.Request, message: Any = None) -> HttpSession | web.Response:
         request_id = message.get("id") if isinstance(message, dict) else None
@@ -164,7 +198,7 @@ class HttpEndpoint:
                 return found
             entry = found
         headers = {SESSION_HEADER: entry.session.id}
-        if not _has_request(message):
+        if not needs_answer(message):
             await entry.session.handle(message)
             return web.Response(status=202, headers=headers)
         if _wants_progress(message) and _SSE in request.headers.get("Accept", ""):
@@ -185,15 +219,22 @@ class HttpEndpoint:
             work = asyncio.ensure_future(entry.session.handle(message))
         finally:
             request_emit.reset(token)
-        while True:
-            getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait((work, getter), return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                await response.write(_sse(getter.result()))
-            else:
+        getter: asyncio.Future[dict[str, Any]] | None = None
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait((work, getter), return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    await response.write(_sse(getter.result()))
+                if work.done() and queue.empty():
+                    break
+        finally:
+            if getter is not None:
                 getter.cancel()
-            if work.done() and queue.empty():
-                break
+            if not work.done():
+                # The client went away: a disconnect is not a cancellation (the spec says so),
+                # so the call runs to its end; nobody is left to read its answer.
+                work.add_done_callback(_retrieve)
         answer = work.result()
         if answer is not None:
             await response.write(_sse(answer))
@@ -214,22 +255,22 @@ class HttpEndpoint:
         response = web.StreamResponse(
             headers={SESSION_HEADER: found.session.id, "Content-Type": _SSE, "Cache-Control": "no-cache"}
         )
-        await response.prepare(request)
-        await response.write(b": fsm-hub notifications\n\n")
         handler = asyncio.current_task()
-        if handler is not None:
-            self._streams.add(handler)
-        found.streams += 1
+        assert handler is not None
+        found.streams.add(handler)  # before any await: closing the session must find it
+        message: dict[str, Any] | None = None
         try:
+            await response.prepare(request)
+            await response.write(b": fsm-hub notifications\n\n")
             while True:
                 message = await found.outbox.get()
                 await response.write(_sse(message))
+                message = None
         except (ConnectionResetError, asyncio.CancelledError):
-            pass
+            if message is not None and found.session.id in self.sessions:
+                _keep(found.outbox, message)  # not delivered: the next stream gets it
         finally:
-            found.streams -= 1
-            if handler is not None:
-                self._streams.discard(handler)
+            found.streams.discard(handler)
         return response
 
     async def _delete(self, request: web.Request) -> web.Response:
@@ -237,35 +278,15 @@ class HttpEndpoint:
         if isinstance(found, web.Response):
             return found
         self.sessions.pop(found.session.id, None)
-        await found.session.close("client ended the session")
+        await found.close("client ended the session")
         return web.Response(status=200)
 
     def _new_session(self) -> HttpSession:
         session_id = secrets.token_hex(16)
-        entry: HttpSession | None = None
-
-        def emit(message: dict[str, Any]) -> None:
-            if entry is not None and entry.streams:
-                entry.outbox.put_nowait(message)
-
-        entry = HttpSession(Session(self.hub, session_id, emit))
+        outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        entry = HttpSession(Session(self.hub, session_id, functools.partial(_keep, outbox)), outbox)
         self.sessions[session_id] = entry
         return entry
-
-
-def _has_request(message: Any) -> bool:
-    """Whether the POST needs an answer body (a request, or something invalid to reject)."""
-    if isinstance(message, list):
-        return not message or any(_needs_answer(m) for m in message)
-    return _needs_answer(message)
-
-
-def _needs_answer(message: Any) -> bool:
-    if not isinstance(message, dict):
-        return True
-    if "method" in message:
-        return "id" in message
-    return not ("result" in message or "error" in message)
 
 
 def _wants_progress(message: Any) -> bool:
@@ -274,6 +295,17 @@ def _wants_progress(message: Any) -> bool:
     params = message.get("params")
     meta = params.get("_meta") if isinstance(params, dict) else None
     return isinstance(meta, dict) and "progressToken" in meta
+
+
+def _keep(outbox: asyncio.Queue[dict[str, Any]], message: dict[str, Any]) -> None:
+    if outbox.qsize() >= BACKLOG:
+        outbox.get_nowait()
+    outbox.put_nowait(message)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _sse(message: Any) -> bytes:

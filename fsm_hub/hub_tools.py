@@ -172,8 +172,9 @@ class HubTools:
         tool_arguments = arguments.get("arguments") or {}
         if not isinstance(tool_arguments, dict):
             raise ToolFailure("argument 'arguments' must be an object")
+        params = {"name": tool, "arguments": tool_arguments}
         try:
-            return await hub.request(instance_id, "tools/call", {"name": tool, "arguments": tool_arguments})
+            return await self.session.route(instance_id, "tools/call", params)
         except InstanceUnavailable as exc:
             return tool_error(str(exc))
         except TransportError as exc:

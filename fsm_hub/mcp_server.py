@@ -66,6 +66,17 @@ def parse_error() -> dict[str, Any]:
     return error_response(None, PARSE_ERROR, "Parse error: the line is not valid JSON")
 
 
+def needs_answer(message: Any) -> bool:
+    """Whether a decoded message (or batch) gets an answer: a request, or something invalid."""
+    if isinstance(message, list):
+        return not message or any(needs_answer(m) for m in message)
+    if not isinstance(message, dict):
+        return True
+    if "method" in message:
+        return "id" in message
+    return not ("result" in message or "error" in message)
+
+
 def _valid_id(value: Any) -> bool:
     return (isinstance(value, str) or isinstance(value, int)) and not isinstance(value, bool)
 
@@ -82,6 +93,10 @@ class Session:
         self.bound: str | None = None
         """The instance this session is connected to; stays bound while it is not active."""
         self._inflight: dict[Any, asyncio.Task[Any]] = {}
+        self._routed: dict[asyncio.Task[Any], str] = {}
+        """Tasks waiting for an instance's answer → that instance."""
+        self._abandoned: set[asyncio.Task[Any]] = set()
+        """Routed tasks cancelled because their instance left active (not by the client)."""
         self._listed_tools: object = object()
         """The instance tool list the client was last told about (compared by identity)."""
         self._tools = HubTools(self)
@@ -143,8 +158,9 @@ class Session:
         except TransportError as exc:
             return error_response(request_id, INTERNAL_ERROR, f"instance unreachable: {exc}")
         except asyncio.CancelledError:
-            if self.closed:
+            if self.closed or task is None:
                 raise
+            task.uncancel()  # the transport's task carries on (an HTTP handler answers 202)
             return None  # the client cancelled it: no response is sent
         except Exception:
             log.exception("internal error answering %s", method)
@@ -247,19 +263,20 @@ class Session:
         original = self._instance_tools().originals.get(name)
         if original is not None:
             params = {**params, "name": original}
+        instance_id = self.bound
         try:
-            return await self.hub.request(self.bound, "tools/call", params, on_message=self._relay)
+            return await self.route(instance_id, "tools/call", params)
         except InstanceUnavailable as exc:
             return tool_error(str(exc))
         except TransportError as exc:
-            return tool_error(f"instance {self.bound} did not answer: {exc}")
+            return tool_error(f"instance {instance_id} did not answer: {exc}")
 
     async def _forward_list(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         key = method.split("/")[0] if method != "resources/templates/list" else "resourceTemplates"
         if self.bound is None or self.hub.tools(self.bound) is None:
             return {key: []}
         try:
-            return await self.hub.request(self.bound, method, params, on_message=self._relay)
+            return await self.route(self.bound, method, params)
         except McpError as exc:
             if exc.code == METHOD_NOT_FOUND:
                 return {key: []}
@@ -268,7 +285,28 @@ class Session:
     async def _forward(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         if self.bound is None:
             raise RpcError(INVALID_PARAMS, f"{method}: no instance connected (use instances_connect)")
-        return await self.hub.request(self.bound, method, params, on_message=self._relay)
+        return await self.route(self.bound, method, params)
+
+    async def route(self, instance_id: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Forward a request to an instance, relaying its notifications to this client.
+
+        Raises InstanceUnavailable at once if the instance is not active — and also if it stops
+        being active while the request waits: a wedged instance's answer would otherwise be
+        awaited for the whole call timeout after the hub has declared it lost.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        self._routed[task] = instance_id
+        try:
+            return await self.hub.request(instance_id, method, params, on_message=self._relay)
+        except asyncio.CancelledError:
+            if task not in self._abandoned:
+                raise
+            task.uncancel()
+            raise self.hub.unavailable(instance_id) from None
+        finally:
+            del self._routed[task]
+            self._abandoned.discard(task)
 
     def _relay(self, message: dict[str, Any]) -> None:
         """Pass an instance's progress and log notifications through to the client unchanged."""
@@ -301,6 +339,11 @@ class Session:
                 self.emit({"jsonrpc": "2.0", "method": "notifications/prompts/list_changed"})
 
     def _instance_changed(self, instance_id: str) -> None:
+        if self._routed and self.hub.state(instance_id) != "active":
+            for task, routed_to in self._routed.items():
+                if routed_to == instance_id and task not in self._abandoned:
+                    self._abandoned.add(task)
+                    task.cancel()
         if instance_id == self.bound and not self.closed:
             self.list_changed()
 

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import secrets
 import signal
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fsm_hub.bridge import Bridge, OwnerGone
-from fsm_hub.discovery import Discovery
+from fsm_hub.discovery import Discovery, process_is_running
 from fsm_hub.errors import FsmHubError
 from fsm_hub.http_server import HttpEndpoint
 from fsm_hub.hub import Hub
@@ -53,13 +52,18 @@ class OwnedHub:
         self.hub: Hub | None = None
         self.endpoints: list[HttpEndpoint] = []
 
-    async def start(self) -> Hub:
+    async def start(self, *, settle: float = 0.0) -> Hub:
+        """Start the hub and its endpoints; advertise the private one once instances have had up
+        to `settle` seconds to reconnect (a takeover: the attached clients' next calls then find
+        their instances active, not still connecting)."""
         options = self.options
         self.store = await EventStore.open(options.db)
         discovery = Discovery(options.instances_dir, allow_remote=options.allow_remote)
         self.hub = Hub(self.store, discovery, timing=options.timing)
         try:
             await self.hub.start()
+            if settle:
+                await self.hub.settle(settle)
             token = secrets.token_urlsafe(24)
             private = HttpEndpoint(self.hub, "127.0.0.1", 0, token=token)
             self.endpoints.append(private)
@@ -69,6 +73,9 @@ class OwnedHub:
                 self.endpoints.append(public)
                 url = await public.start()
                 log.warning("fsm-hub: serving MCP over Streamable HTTP at %s", url)
+        except asyncio.CancelledError:
+            await self.stop("stopped while starting")
+            raise
         except BaseException:
             await self.stop("start failed")
             raise
@@ -182,32 +189,50 @@ async def _attach(
     channel: StdioChannel, options: ServeOptions, ownership: Ownership, stop: asyncio.Event
 ) -> int:
     """Relay the stdio client to the owner; take over (or follow a new owner) when it exits."""
-    owner = await _wait_for_owner(ownership, None)
+    owner = await _wait_for_owner(ownership)
     if owner is None:
-        return await _take_over_or_fail(channel, options, ownership, stop, None, set())
-    bridge = Bridge(channel, owner)
+        return await _take_over_or_fail(channel, options, ownership, stop, set())
+    tasks: set[asyncio.Task[Any]] = set()
     state: dict[str, Any] = {"owned": None, "session": None}
     failover_lock = asyncio.Lock()
-    tasks: set[asyncio.Task[Any]] = set()
+
+    def owner_lost(failed: Owner) -> None:
+        task = asyncio.create_task(failover(failed), name="fsm-hub-failover")
+        tasks.add(task)
+        task.add_done_callback(_failover_done)
+        task.add_done_callback(tasks.discard)
+
+    bridge = Bridge(channel, owner, on_lost=owner_lost)
 
     async def failover(failed: Owner) -> None:
         async with failover_lock:
             if state["session"] is not None or bridge.owner != failed:
                 return  # someone already moved us on
             log.warning("fsm-hub: the owning hub (pid %s) is gone; taking over or re-attaching", failed.pid)
-            deadline = asyncio.get_running_loop().time() + TAKEOVER_WAIT
-            while asyncio.get_running_loop().time() < deadline:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + TAKEOVER_WAIT
+            retry_same = True
+            while loop.time() < deadline:
                 if ownership.try_acquire():
                     owned = OwnedHub(options, ownership)
-                    hub = await owned.start()
-                    await hub.settle(options.timing.connect_timeout)
+                    hub = await owned.start(settle=options.timing.connect_timeout)
                     session = Session(hub, secrets.token_hex(16), channel.write)
-                    await bridge.reattach(Owner(os.getpid(), "", ""), session.handle)
+                    state["owned"] = owned
+                    # Bound again before any new message reaches the session: until then they
+                    # queue on this lock (their relay fails, they ask for a failover).
+                    await bridge.reattach(session.handle)
+                    state["session"] = session
                     await bridge.close(end_session=False)
-                    state["owned"], state["session"] = owned, session
                     return
                 successor = ownership.read()
-                if successor is not None and successor.pid != failed.pid:
+                if successor is not None and successor != failed:
+                    with contextlib.suppress(OwnerGone):
+                        await bridge.replay_remote(successor)
+                        return
+                elif successor is not None and retry_same and process_is_running(successor.pid):
+                    # Still running, it may just have lost our session: try once to re-establish
+                    # it there. If it is stopping (503), wait for its lock instead of pestering it.
+                    retry_same = False
                     with contextlib.suppress(OwnerGone):
                         await bridge.replay_remote(successor)
                         return
@@ -215,7 +240,6 @@ async def _attach(
             raise FsmHubError("the owning hub is gone and no process could take over")
 
     async def handle(line: bytes, message: Any) -> None:
-        bridge.remember(message)
         for _ in range(2):
             session: Session | None = state["session"]
             if session is not None:
@@ -226,35 +250,51 @@ async def _attach(
             current = bridge.owner
             try:
                 await bridge.relay(line, message)
-                return
             except OwnerGone:
-                await failover(current)
+                try:
+                    await failover(current)
+                except Exception as exc:  # the client must get an answer, whatever failed
+                    log.error("fsm-hub: %s", exc)
+                    break
+                continue
+            # Remembered once delivered: a message that failed is retried on the new owner as
+            # itself, so replaying it first would send it twice.
+            bridge.remember(message)
+            return
         if isinstance(message, dict) and "id" in message:
             channel.write(error_response(message["id"], INTERNAL_ERROR, "fsm-hub: no hub is reachable"))
 
     reason = await _pump(channel, stop, tasks, handle)
-    for task in tasks:
+    for task in list(tasks):
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     if state["session"] is not None:
         await state["session"].close(reason)
+    if state["owned"] is not None:
         await state["owned"].stop(reason)
-    else:
-        await bridge.close(end_session=True)
+    await bridge.close(end_session=state["owned"] is None)  # again, if we took over: harmless
     await channel.drain()
     return 0
 
 
-async def _wait_for_owner(ownership: Ownership, previous: Owner | None) -> Owner | None:
-    """The advertised owner; a starting owner may take a moment to advertise."""
-    for _ in range(100):
-        owner = ownership.read()
-        if owner is not None and owner != previous:
-            return owner
+def _failover_done(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("fsm-hub: %s", task.exception())
+
+
+async def _wait_for_owner(ownership: Ownership) -> Owner | None:
+    """The advertised owner; None once we hold the lock ourselves (the owner is gone).
+
+    A starting (or taking-over) owner holds the lock a moment before it advertises.
+    """
+    for _ in range(200):
         if ownership.try_acquire():
             return None
+        owner = ownership.read()
+        if owner is not None and process_is_running(owner.pid):
+            return owner
         await asyncio.sleep(0.05)
-    return None
+    return ownership.read()
 
 
 async def _take_over_or_fail(
@@ -262,7 +302,6 @@ async def _take_over_or_fail(
     options: ServeOptions,
     ownership: Ownership,
     stop: asyncio.Event,
-    _owner: Owner | None,
     tasks: set[asyncio.Task[Any]],
 ) -> int:
     if not ownership.try_acquire():

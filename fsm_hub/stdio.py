@@ -51,9 +51,21 @@ class StdioChannel:
         except asyncio.IncompleteReadError as exc:
             return exc.partial or None
         except asyncio.LimitOverrunError as exc:
-            await self._reader.readexactly(exc.consumed)  # drop the over-long line
+            await self._reader.readexactly(exc.consumed)
+            await self._skip_line()  # drop all of the over-long line: one error for it, not two
             raise ValueError("line too long") from None
         return line
+
+    async def _skip_line(self) -> None:
+        assert self._reader is not None
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.IncompleteReadError:
+                return
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.readexactly(exc.consumed)
 
     def write(self, message: Any) -> None:
         data = message if isinstance(message, bytes) else json.dumps(message).encode()

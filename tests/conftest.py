@@ -162,12 +162,11 @@ async def flaky_mcp() -> AsyncIterator[Callable[..., Awaitable[FlakyMcp]]]:
 # MCP serving (used by test_mcp_server, test_http_server): a live hub in the test's loop, with
 # instances that are in-process fault servers (tests/servers/) on short real timers.
 # ---------------------------------------------------------------------------------------------
-from tests.live_hub import FAST, LiveHub  # noqa: E402
-from tests.servers.slow import SlowMcp  # noqa: E402
-
 from fsm_hub.discovery import Discovery  # noqa: E402
 from fsm_hub.hub import Hub  # noqa: E402
 from fsm_hub.supervisor import Timing  # noqa: E402
+from tests.live_hub import FAST, LiveHub  # noqa: E402
+from tests.servers.slow import SlowMcp  # noqa: E402
 
 
 @pytest.fixture

@@ -52,17 +52,24 @@ async def test_attached_process_serves_and_takes_over_when_the_owner_exits(
     assert verified.returncode == 0, verified.stdout + verified.stderr
     hub_events = [e["type"] for e in json.loads(lab.cli("history", "hub", "--json").stdout)]
     expected_first = ["hub_started", "hub_stopped"] if how == signal.SIGTERM else ["hub_started"]
-    assert hub_events == [*expected_first, "hub_started", "hub_stopped"]
+    # Whoever took over may exit before the other attached client, which then takes over in turn.
+    later_runs = hub_events[len(expected_first) :]
+    assert hub_events[: len(expected_first)] == expected_first
+    assert later_runs in (["hub_started", "hub_stopped"], ["hub_started", "hub_stopped"] * 2)
     sessions = [
         e["type"]
         for e in json.loads(lab.cli("history", "api", "--json").stdout)
         if e["type"].startswith("session_")
     ]
     # bound once on the first owner, re-bound on the new one; the SIGKILLed owner recorded no end
+    # (a last takeover cut short by its own client's exit binds nothing)
+    extras = [[], ["session_connected", "session_disconnected"]] if len(later_runs) == 4 else [[]]
     if how == signal.SIGTERM:
-        assert sessions == ["session_connected", "session_disconnected"] * 2
+        assert sessions in [["session_connected", "session_disconnected"] * 2 + extra for extra in extras]
     else:
-        assert sessions == ["session_connected", "session_connected", "session_disconnected"]
+        assert sessions in [
+            ["session_connected", "session_connected", "session_disconnected", *extra] for extra in extras
+        ]
 
 
 async def _active(client: Client) -> bool:
