@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from fsm_hub.errors import AmbiguousInstance, UnknownInstance
 from fsm_hub.events import EventType, StoredEvent
 
 _TRANSITION = EventType.TRANSITION.value
@@ -187,8 +188,6 @@ def fold(events: Iterable[StoredEvent]) -> View:
 
 def resolve(ref: str, ids: Iterable[str], names: Mapping[str, str]) -> str:
     """The one instance id that `ref` names: a full id, a unique id prefix, or a unique name."""
-    from fsm_hub.errors import AmbiguousInstance, UnknownInstance
-
     known = list(ids)
     if ref in known:
         return ref
