@@ -11,10 +11,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from fsm_hub.core.events import StoredEvent, parse_time
+from fsm_hub.core.view import InstanceView, fold
 from fsm_hub.errors import FsmHubError
-from fsm_hub.events import StoredEvent, parse_time
-from fsm_hub.store import EventLog, default_db_path
-from fsm_hub.view import InstanceView, fold
+from fsm_hub.store.sqlite import EventLog, default_db_path
 
 app = typer.Typer(
     name="fsm-hub",
@@ -158,7 +158,7 @@ def replay(
     db: DbOption = None,
 ) -> None:
     """Fold the whole log and print counts per event type and per state."""
-    from fsm_hub.replay import audit
+    from fsm_hub.core.audit import audit
 
     def check() -> None:
         with open_log(db) as log:
@@ -185,7 +185,7 @@ def diagram(
     """Print the instance state machine as a diagram."""
     from statemachine.contrib.diagram import formatter
 
-    from fsm_hub.machine import InstanceMachine
+    from fsm_hub.core.machine import InstanceMachine
 
     if fmt not in ("mermaid", "dot"):
         raise fail(f"--format must be mermaid or dot, not {fmt!r}")
@@ -241,10 +241,10 @@ def serve(
     import asyncio
     import logging
 
-    from fsm_hub.discovery import default_instances_dir
-    from fsm_hub.serve import ServeOptions
-    from fsm_hub.serve import serve as run_hub
-    from fsm_hub.supervisor import Timing
+    from fsm_hub.discovery.directory import default_instances_dir
+    from fsm_hub.serve.process import ServeOptions
+    from fsm_hub.serve.process import serve as run_hub
+    from fsm_hub.supervision.supervisor import Timing
 
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
     timing = Timing(

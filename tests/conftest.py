@@ -84,7 +84,7 @@ async def reset_url() -> AsyncIterator[str]:
 # ---------------------------------------------------------------------------------------------
 from pathlib import Path  # noqa: E402
 
-from fsm_hub.store import EventStore  # noqa: E402
+from fsm_hub.store.sqlite import EventStore  # noqa: E402
 from tests.logs import LogBuilder, Sample, build_sample  # noqa: E402
 
 
@@ -162,9 +162,9 @@ async def flaky_mcp() -> AsyncIterator[Callable[..., Awaitable[FlakyMcp]]]:
 # MCP serving (used by test_mcp_server, test_http_server): a live hub in the test's loop, with
 # instances that are in-process fault servers (tests/servers/) on short real timers.
 # ---------------------------------------------------------------------------------------------
-from fsm_hub.discovery import Discovery  # noqa: E402
-from fsm_hub.hub import Hub  # noqa: E402
-from fsm_hub.supervisor import Timing  # noqa: E402
+from fsm_hub.discovery.directory import Discovery  # noqa: E402
+from fsm_hub.supervision.hub import Hub  # noqa: E402
+from fsm_hub.supervision.supervisor import Timing  # noqa: E402
 from tests.live_hub import FAST, LiveHub  # noqa: E402
 from tests.servers.slow import SlowMcp  # noqa: E402
 

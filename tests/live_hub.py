@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fsm_hub.events import StoredEvent
-from fsm_hub.hub import Hub
-from fsm_hub.mcp_server import Session
-from fsm_hub.store import EventStore
-from fsm_hub.supervisor import Timing
+from fsm_hub.core.events import StoredEvent
+from fsm_hub.mcp.session import Session
+from fsm_hub.store.sqlite import EventStore
+from fsm_hub.supervision.hub import Hub
+from fsm_hub.supervision.supervisor import Timing
 
 FAST = Timing(
     ping_interval=0.05,

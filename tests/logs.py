@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from fsm_hub.events import HUB_STREAM, StoredEvent, encode_data, format_time, transition_data
-from fsm_hub.store import EventStore
+from fsm_hub.core.events import HUB_STREAM, StoredEvent, encode_data, format_time, transition_data
+from fsm_hub.store.sqlite import EventStore
 
 START = datetime(2026, 3, 14, 3, 14, 15, 926535, tzinfo=UTC)
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from fsm_hub.events import EventType
-from fsm_hub.store import EventStore
-from fsm_hub.supervisor import DEFAULT_TIMING, Timing
+from fsm_hub.core.events import EventType
+from fsm_hub.store.sqlite import EventStore
+from fsm_hub.supervision.supervisor import DEFAULT_TIMING, Timing
 
 Transition = tuple[str, str, str]
 """(event, from, to) of one recorded transition."""

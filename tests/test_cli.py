@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from fsm_hub.cli import app, main
-from fsm_hub.machine import STATES
+from fsm_hub.core.machine import STATES
 from tests.logs import Sample
 
 HISTORY_KEYS = ["seq", "stream", "version", "type", "at", "data"]

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fsm_hub.events import StoredEvent, format_time, transition_data, utc_now
-from fsm_hub.store import EventLog, EventStore, _connect
-from fsm_hub.view import fold
+from fsm_hub.core.events import StoredEvent, format_time, transition_data, utc_now
+from fsm_hub.core.view import fold
+from fsm_hub.store.sqlite import EventLog, EventStore, _connect
 
 _INSERT = "INSERT INTO events (seq, stream, version, type, at, data) VALUES (?, ?, ?, ?, ?, ?)"
 _FIRST = ("connect", "discovered", "connecting", None)

@@ -40,9 +40,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fsm_hub.events import parse_time  # noqa: E402
-from fsm_hub.store import EventLog  # noqa: E402
-from fsm_hub.view import fold  # noqa: E402
+from fsm_hub.core.events import parse_time  # noqa: E402
+from fsm_hub.core.view import fold  # noqa: E402
+from fsm_hub.store.sqlite import EventLog  # noqa: E402
 
 HUB = str(Path(sys.executable).with_name("fsm-hub"))
 SERVER = str(REPO / "tools" / "bench_mcp_server.py")

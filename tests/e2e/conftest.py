@@ -22,3 +22,10 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGCONT)
     stop(lab.processes)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e spawns processes: mark it so `-m "not e2e"` is the fast loop."""
+    for item in items:
+        if "/tests/e2e/" in str(item.path):
+            item.add_marker(pytest.mark.e2e)

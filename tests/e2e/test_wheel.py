@@ -41,7 +41,7 @@ def test_an_unpacked_wheel_finds_its_migrations(wheel: Path, tmp_path: Path) -> 
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(site)
     probe = (
-        "import fsm_hub.schema as s, importlib.resources as r, pathlib, sqlite3\n"
+        "import fsm_hub.store.schema as s, importlib.resources as r, pathlib, sqlite3\n"
         "assert r.files('fsm_hub').joinpath('migrations').is_dir()\n"
         "print(s.__file__)\n"
         "print(' '.join(m.name for m in s.migrations()))\n"

@@ -1,0 +1,1 @@
+"""Finding instances: announcement files in the instances directory (and, later, configured servers)."""

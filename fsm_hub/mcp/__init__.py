@@ -1,0 +1,1 @@
+"""The MCP protocol: the upstream client towards instances, downstream sessions, hub tools and tool naming."""

@@ -1,0 +1,1 @@
+"""One `fsm-hub serve` process: owning the log, or attaching to its owner as a bridge."""

@@ -1,0 +1,311 @@
+"""`fsm-hub serve`: own the log and supervise, or attach to the process that does.
+
+The owner runs the hub, a private token-protected HTTP endpoint for attached processes (and the
+public one of `--http`), and its own stdio client as an in-process session. An attached process
+relays its stdio client to the owner and takes over if the owner exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fsm_hub.discovery.directory import Discovery, process_is_running
+from fsm_hub.errors import FsmHubError
+from fsm_hub.mcp.session import INTERNAL_ERROR, Session, error_response, parse_error
+from fsm_hub.serve.bridge import Bridge, OwnerGone
+from fsm_hub.serve.ownership import Owner, Ownership
+from fsm_hub.store.sqlite import EventStore
+from fsm_hub.supervision.hub import Hub
+from fsm_hub.supervision.supervisor import DEFAULT_TIMING, Timing
+from fsm_hub.transports.http import HttpEndpoint
+from fsm_hub.transports.stdio import StdioChannel
+
+log = logging.getLogger(__name__)
+TAKEOVER_WAIT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    db: Path
+    instances_dir: Path
+    mcp: bool = False
+    http: tuple[str, int] | None = None
+    allow_remote: bool = False
+    timing: Timing = DEFAULT_TIMING
+
+
+class OwnedHub:
+    """Everything the owning process runs, started and stopped as one."""
+
+    def __init__(self, options: ServeOptions, ownership: Ownership) -> None:
+        self.options = options
+        self.ownership = ownership
+        self.store: EventStore | None = None
+        self.hub: Hub | None = None
+        self.endpoints: list[HttpEndpoint] = []
+
+    async def start(self, *, settle: float = 0.0) -> Hub:
+        """Start the hub and its endpoints; advertise the private one once instances have had up
+        to `settle` seconds to reconnect (a takeover: the attached clients' next calls then find
+        their instances active, not still connecting)."""
+        options = self.options
+        self.store = await EventStore.open(options.db)
+        discovery = Discovery(options.instances_dir, allow_remote=options.allow_remote)
+        self.hub = Hub(self.store, discovery, timing=options.timing)
+        try:
+            await self.hub.start()
+            if settle:
+                await self.hub.settle(settle)
+            token = secrets.token_urlsafe(24)
+            private = HttpEndpoint(self.hub, "127.0.0.1", 0, token=token)
+            self.endpoints.append(private)
+            self.ownership.advertise(await private.start(), token)
+            if options.http is not None:
+                public = HttpEndpoint(self.hub, *options.http)
+                self.endpoints.append(public)
+                url = await public.start()
+                log.warning("fsm-hub: serving MCP over Streamable HTTP at %s", url)
+        except asyncio.CancelledError:
+            await self.stop("stopped while starting")
+            raise
+        except BaseException:
+            await self.stop("start failed")
+            raise
+        return self.hub
+
+    async def stop(self, reason: str) -> None:
+        for endpoint in self.endpoints:
+            with contextlib.suppress(Exception):
+                await endpoint.stop()
+        if self.hub is not None:
+            await self.hub.stop(reason)
+        if self.store is not None:
+            await self.store.close()
+        self.ownership.release()
+
+
+async def serve(options: ServeOptions) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    ownership = Ownership(options.db)
+    channel: StdioChannel | None = None
+    if options.mcp:
+        channel = StdioChannel()
+        await channel.open()
+    if ownership.try_acquire():
+        owned = OwnedHub(options, ownership)
+        hub = await owned.start()
+        if channel is None:
+            await stop.wait()
+            await owned.stop("signal")
+            return 0
+        return await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop)
+    if channel is None:
+        owner = ownership.read()
+        who = f" (pid {owner.pid})" if owner else ""
+        raise FsmHubError(f"another fsm-hub{who} already serves {options.db}; use serve --mcp to attach")
+    return await _attach(channel, options, ownership, stop)
+
+
+async def _serve_stdio(
+    channel: StdioChannel,
+    owned: OwnedHub,
+    session: Session,
+    stop: asyncio.Event,
+    pending: set[asyncio.Task[Any]] | None = None,
+) -> int:
+    """Answer the stdio client in-process until stdin closes or a signal arrives."""
+    tasks: set[asyncio.Task[Any]] = pending if pending is not None else set()
+
+    async def answer(message: Any) -> None:
+        reply = await session.handle(message)
+        if reply is not None:
+            channel.write(reply)
+
+    reason = await _pump(channel, stop, tasks, lambda line, message: answer(message))
+    await session.close(reason)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await owned.stop(reason)
+    await channel.drain()
+    return 0
+
+
+async def _pump(
+    channel: StdioChannel,
+    stop: asyncio.Event,
+    tasks: set[asyncio.Task[Any]],
+    handle: Any,
+) -> str:
+    """Read stdin lines until EOF or `stop`; each parsed message is handled in its own task."""
+    reading = asyncio.ensure_future(_read_lines(channel, tasks, handle))
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((reading, stopper), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if reading.done():
+        return reading.result()
+    reading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reading
+    return "signal"
+
+
+async def _read_lines(channel: StdioChannel, tasks: set[asyncio.Task[Any]], handle: Any) -> str:
+    """The hot loop: one line in, one task out; no per-line timers or waits."""
+    while True:
+        try:
+            line = await channel.readline()
+        except ValueError:
+            channel.write(parse_error())
+            continue
+        if line is None:
+            return "client closed stdin"
+        if not line.strip():
+            continue
+        try:
+            message = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            channel.write(parse_error())
+            continue
+        task = asyncio.create_task(handle(line, message))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+
+async def _attach(
+    channel: StdioChannel, options: ServeOptions, ownership: Ownership, stop: asyncio.Event
+) -> int:
+    """Relay the stdio client to the owner; take over (or follow a new owner) when it exits."""
+    owner = await _wait_for_owner(ownership)
+    if owner is None:
+        return await _take_over_or_fail(channel, options, ownership, stop, set())
+    tasks: set[asyncio.Task[Any]] = set()
+    state: dict[str, Any] = {"owned": None, "session": None}
+    failover_lock = asyncio.Lock()
+
+    def owner_lost(failed: Owner) -> None:
+        task = asyncio.create_task(failover(failed), name="fsm-hub-failover")
+        tasks.add(task)
+        task.add_done_callback(_failover_done)
+        task.add_done_callback(tasks.discard)
+
+    bridge = Bridge(channel, owner, on_lost=owner_lost)
+
+    async def failover(failed: Owner) -> None:
+        async with failover_lock:
+            if state["session"] is not None or bridge.owner != failed:
+                return  # someone already moved us on
+            log.warning("fsm-hub: the owning hub (pid %s) is gone; taking over or re-attaching", failed.pid)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + TAKEOVER_WAIT
+            retry_same = True
+            while loop.time() < deadline:
+                if ownership.try_acquire():
+                    owned = OwnedHub(options, ownership)
+                    hub = await owned.start(settle=options.timing.connect_timeout)
+                    session = Session(hub, secrets.token_hex(16), channel.write)
+                    state["owned"] = owned
+                    # Bound again before any new message reaches the session: until then they
+                    # queue on this lock (their relay fails, they ask for a failover).
+                    await bridge.reattach(session.handle)
+                    state["session"] = session
+                    await bridge.close(end_session=False)
+                    return
+                successor = ownership.read()
+                if successor is not None and successor != failed:
+                    with contextlib.suppress(OwnerGone):
+                        await bridge.replay_remote(successor)
+                        return
+                elif successor is not None and retry_same and process_is_running(successor.pid):
+                    # Still running, it may just have lost our session: try once to re-establish
+                    # it there. If it is stopping (503), wait for its lock instead of pestering it.
+                    retry_same = False
+                    with contextlib.suppress(OwnerGone):
+                        await bridge.replay_remote(successor)
+                        return
+                await asyncio.sleep(0.05)
+            raise FsmHubError("the owning hub is gone and no process could take over")
+
+    async def handle(line: bytes, message: Any) -> None:
+        for _ in range(2):
+            session: Session | None = state["session"]
+            if session is not None:
+                reply = await session.handle(message)
+                if reply is not None:
+                    channel.write(reply)
+                return
+            current = bridge.owner
+            try:
+                await bridge.relay(line, message)
+            except OwnerGone:
+                try:
+                    await failover(current)
+                except Exception as exc:  # the client must get an answer, whatever failed
+                    log.error("fsm-hub: %s", exc)
+                    break
+                continue
+            # Remembered once delivered: a message that failed is retried on the new owner as
+            # itself, so replaying it first would send it twice.
+            bridge.remember(message)
+            return
+        if isinstance(message, dict) and "id" in message:
+            channel.write(error_response(message["id"], INTERNAL_ERROR, "fsm-hub: no hub is reachable"))
+
+    reason = await _pump(channel, stop, tasks, handle)
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if state["session"] is not None:
+        await state["session"].close(reason)
+    if state["owned"] is not None:
+        await state["owned"].stop(reason)
+    await bridge.close(end_session=state["owned"] is None)  # again, if we took over: harmless
+    await channel.drain()
+    return 0
+
+
+def _failover_done(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("fsm-hub: %s", task.exception())
+
+
+async def _wait_for_owner(ownership: Ownership) -> Owner | None:
+    """The advertised owner; None once we hold the lock ourselves (the owner is gone).
+
+    A starting (or taking-over) owner holds the lock a moment before it advertises.
+    """
+    for _ in range(200):
+        if ownership.try_acquire():
+            return None
+        owner = ownership.read()
+        if owner is not None and process_is_running(owner.pid):
+            return owner
+        await asyncio.sleep(0.05)
+    return ownership.read()
+
+
+async def _take_over_or_fail(
+    channel: StdioChannel,
+    options: ServeOptions,
+    ownership: Ownership,
+    stop: asyncio.Event,
+    tasks: set[asyncio.Task[Any]],
+) -> int:
+    if not ownership.try_acquire():
+        raise FsmHubError(f"another fsm-hub holds {ownership.lock_path} but advertises no endpoint")
+    owned = OwnedHub(options, ownership)
+    hub = await owned.start()
+    return await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop, tasks)

@@ -1,0 +1,376 @@
+"""The event log on SQLite: one writer task with group commit, and plain readers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from fsm_hub.core.events import HUB_STREAM, NewEvent, StoredEvent, encode_data, format_time, utc_now
+from fsm_hub.core.view import resolve
+from fsm_hub.errors import ConcurrencyError, StoreError
+from fsm_hub.store.schema import check_header, create_file, prepare
+
+_INSERT = "INSERT INTO events (seq, stream, version, type, at, data) VALUES (?, ?, ?, ?, ?, ?)"
+_COLUMNS = "seq, stream, version, type, at, data"
+
+log = logging.getLogger(__name__)
+Subscriber = Callable[[Sequence[StoredEvent]], None]
+
+
+def default_db_path(env: dict[str, str] | os._Environ[str] | None = None) -> Path:
+    """`$FSM_HUB_DB`, else `$XDG_STATE_HOME/fsm-hub/events.db`, else `~/.local/state/…`."""
+    env = os.environ if env is None else env
+    if env.get("FSM_HUB_DB"):
+        return Path(env["FSM_HUB_DB"]).expanduser()
+    state = env.get("XDG_STATE_HOME") or ""
+    base = Path(state) if Path(state).is_absolute() else Path.home() / ".local" / "state"
+    return base / "fsm-hub" / "events.db"
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open (creating owner-only if missing) and migrate; raises one-line StoreErrors."""
+    create_file(path)
+    check_header(path)
+    try:
+        connection = sqlite3.connect(path, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open event log {path}: {exc}") from None
+    try:
+        prepare(connection, path)
+        connection.execute("PRAGMA journal_mode=WAL")
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def select_events(
+    *, stream: str | None = None, until: str | None = None, last: int | None = None
+) -> tuple[str, tuple[Any, ...]]:
+    """SQL for events in log order, optionally one stream's, up to a moment, or its last N."""
+    where: list[str] = []
+    params: list[Any] = []
+    if stream is not None:
+        where.append("stream = ?")
+        params.append(stream)
+    if until is not None:
+        where.append("at <= ?")
+        params.append(until)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    if last is not None:
+        order = "version" if stream is not None else "seq"
+        sql = (
+            f"SELECT * FROM (SELECT {_COLUMNS} FROM events{clause} ORDER BY {order} DESC"
+            f" LIMIT ?) ORDER BY seq"
+        )
+        params.append(last)
+    else:
+        sql = f"SELECT {_COLUMNS} FROM events{clause} ORDER BY seq"
+    return sql, tuple(params)
+
+
+class EventLog:
+    """Read side for commands: a plain sqlite3 connection, no writer, no task."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection | None) -> None:
+        self.path = path
+        self._connection = connection
+
+    @classmethod
+    def open(cls, path: Path) -> EventLog:
+        """A missing file reads as an empty log and is not created."""
+        if not path.exists():
+            return cls(path, None)
+        return cls(path, _connect(path))
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def events(
+        self,
+        *,
+        stream: str | None = None,
+        until: datetime | None = None,
+        last: int | None = None,
+    ) -> Iterator[StoredEvent]:
+        if self._connection is None:
+            return iter(())
+        sql, params = select_events(
+            stream=stream, until=format_time(until) if until else None, last=last
+        )
+        try:
+            cursor = self._connection.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read event log {self.path}: {exc}") from None
+        return (StoredEvent(*row) for row in cursor)
+
+    def count(self) -> int:
+        if self._connection is None:
+            return 0
+        return int(self._connection.execute("SELECT count(*) FROM events").fetchone()[0])
+
+    def resolve(self, ref: str) -> str:
+        """The stream `ref` names (full id, unique id prefix, unique name, or `hub`).
+
+        Uses the indexes only, so it stays fast on a log of millions of events.
+        """
+        if ref == HUB_STREAM or self._connection is None:
+            return resolve(ref, [HUB_STREAM] if ref == HUB_STREAM else [], {})
+        db = self._connection
+        if db.execute("SELECT 1 FROM events WHERE stream = ? LIMIT 1", (ref,)).fetchone():
+            return ref
+        names: dict[str, str] = {}
+        for stream, data in db.execute(
+            "SELECT stream, data FROM events INDEXED BY events_announcements"
+            " WHERE type IN ('instance_discovered', 'instance_updated') ORDER BY seq"
+        ):
+            name = json.loads(data).get("name")
+            if isinstance(name, str):
+                names[stream] = name
+        prefixed = [
+            row[0]
+            for row in db.execute(
+                "SELECT DISTINCT stream FROM events WHERE stream >= ? AND stream < ?",
+                (ref, ref + "\U0010ffff"),
+            )
+            if row[0] != HUB_STREAM
+        ]
+        return resolve(ref, prefixed, names)
+
+
+@dataclass(slots=True)
+class _Pending:
+    stream: str
+    type: str
+    at: str
+    data_json: str
+    expected_version: int | None
+    future: asyncio.Future[StoredEvent]
+    retried: bool = False
+
+
+@dataclass(slots=True)
+class _Batch:
+    rows: list[tuple[int, str, int, str, str, str]] = field(default_factory=list)
+    pending: list[_Pending] = field(default_factory=list)
+
+
+class EventStore:
+    """Appends events through exactly one writer task; an append resolves after its commit.
+
+    Producers put events on a list and wake the writer; the writer takes everything queued,
+    writes it with one executemany in one transaction (group commit), then resolves each
+    producer's future. Under load a transaction holds as many events as arrived meanwhile.
+    """
+
+    def __init__(
+        self, path: Path, connection: aiosqlite.Connection, clock: Callable[[], datetime]
+    ) -> None:
+        self.path = path
+        self._db = connection
+        self._clock = clock
+        self._queue: list[_Pending] = []
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._versions: dict[str, int] = {}
+        self._seq = 0
+        self._subscribers: list[Subscriber] = []
+        self._reader: aiosqlite.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(
+        cls, path: Path, *, clock: Callable[[], datetime] = utc_now
+    ) -> EventStore:
+        path = Path(path)
+        await asyncio.to_thread(lambda: _connect(path).close())
+        try:
+            connection = await aiosqlite.connect(path)
+            await connection.execute("PRAGMA journal_mode=WAL")
+            await connection.execute("PRAGMA synchronous=FULL")  # durable commits
+            await connection.execute("PRAGMA busy_timeout=5000")
+            async with connection.execute("SELECT coalesce(max(seq), 0) FROM events") as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open event log {path}: {exc}") from None
+        store = cls(path, connection, clock)
+        store._seq = int(row[0]) if row else 0
+        store._task = asyncio.create_task(store._run(), name="fsm-hub-writer")
+        return store
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        """Call `subscriber` with every committed batch, in log order, before acks resolve."""
+        self._subscribers.append(subscriber)
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    def append(
+        self,
+        stream: str,
+        type: str,
+        data: dict[str, Any],
+        *,
+        expected_version: int | None = None,
+    ) -> asyncio.Future[StoredEvent]:
+        """Queue one event; the returned future resolves once its transaction has committed.
+
+        With `expected_version`, the append fails with ConcurrencyError unless the stream's
+        last version is exactly that (0 for a new stream).
+        """
+        if self._closing:
+            raise StoreError("the event store is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[StoredEvent] = loop.create_future()
+        self._queue.append(
+            _Pending(stream, type, format_time(self._clock()), encode_data(data), expected_version, future)
+        )
+        self._wakeup.set()
+        return future
+
+    async def append_all(self, events: Sequence[NewEvent]) -> list[StoredEvent]:
+        futures = [self.append(e.stream, e.type, e.data) for e in events]
+        return list(await asyncio.gather(*futures))
+
+    async def close(self) -> None:
+        """Write everything already queued, then stop the writer and close the connections."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        if self._reader is not None:
+            await self._reader.close()
+        await self._db.close()
+
+    # -- the writer ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                # Cleared only once the queue is seen empty: a wakeup can never be lost.
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            queued, self._queue = self._queue, []
+            try:
+                await self._write(queued)
+            except Exception as exc:  # never die with producers waiting: fail their appends
+                log.exception("event log writer failed")
+                for pending in queued:
+                    _fail(pending, StoreError(f"cannot write event log {self.path}: {exc}"))
+
+    async def _write(self, queued: list[_Pending]) -> None:
+        batch = await self._number(queued)
+        if not batch.rows:
+            return
+        try:
+            await self._db.executemany(_INSERT, batch.rows)
+            await self._db.commit()
+        except sqlite3.IntegrityError:
+            await self._recover(batch)
+            return
+        except sqlite3.Error as exc:
+            await self._recover(batch, StoreError(f"cannot write event log {self.path}: {exc}"))
+            return
+        stored = [StoredEvent(*row) for row in batch.rows]
+        for subscriber in self._subscribers:
+            try:
+                subscriber(stored)
+            except Exception:  # a broken reader must not stop the log: the events are committed
+                log.exception("event log subscriber failed")
+        for pending, event in zip(batch.pending, stored, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(event)
+
+    async def _number(self, queued: list[_Pending]) -> _Batch:
+        """Give each queued event its seq and stream version; refuse stale expectations."""
+        unknown = {p.stream for p in queued} - self._versions.keys()
+        if unknown:
+            await self._load_versions(unknown)
+        batch = _Batch()
+        for pending in queued:
+            stream = pending.stream
+            current = self._versions[stream]
+            expected = pending.expected_version
+            if expected is not None and expected != current:
+                _fail(
+                    pending,
+                    ConcurrencyError(f"stream {stream!r} is at version {current}, not {expected}"),
+                )
+                continue
+            self._seq += 1
+            self._versions[stream] = current + 1
+            batch.rows.append(
+                (self._seq, stream, current + 1, pending.type, pending.at, pending.data_json)
+            )
+            batch.pending.append(pending)
+        return batch
+
+    async def _load_versions(self, streams: set[str]) -> None:
+        ordered = sorted(streams)
+        marks = ",".join("?" * len(ordered))
+        sql = f"SELECT stream, max(version) FROM events WHERE stream IN ({marks}) GROUP BY stream"
+        found = {stream: int(v) for stream, v in await self._db.execute_fetchall(sql, ordered)}
+        for stream in ordered:
+            self._versions[stream] = found.get(stream, 0)
+
+    async def _recover(self, batch: _Batch, failure: StoreError | None = None) -> None:
+        """After a failed transaction: forget cached positions, retry blind appends once."""
+        with contextlib.suppress(sqlite3.Error):
+            await self._db.rollback()
+        self._versions.clear()
+        rows = await self._db.execute_fetchall("SELECT coalesce(max(seq), 0) FROM events")
+        self._seq = int(next(iter(rows))[0])
+        retry: list[_Pending] = []
+        for pending in batch.pending:
+            if failure is None and pending.expected_version is None and not pending.retried:
+                pending.retried = True
+                retry.append(pending)
+            elif failure is None:
+                stream = pending.stream
+                _fail(pending, ConcurrencyError(f"stream {stream!r} was appended to meanwhile"))
+            else:
+                _fail(pending, failure)
+        if retry:
+            self._queue[:0] = retry
+            self._wakeup.set()
+
+    # -- reads for the live hub ---------------------------------------------------------------
+
+    async def read(
+        self, *, stream: str | None = None, until: str | None = None, last: int | None = None
+    ) -> list[StoredEvent]:
+        """Committed events, through a separate read connection so reads never block writes."""
+        if self._reader is None:
+            self._reader = await aiosqlite.connect(self.path)
+        sql, params = select_events(stream=stream, until=until, last=last)
+        rows = await self._reader.execute_fetchall(sql, params)
+        return [StoredEvent(*row) for row in rows]
+
+
+def _fail(pending: _Pending, error: Exception) -> None:
+    if not pending.future.done():  # the producer may have given up waiting
+        pending.future.set_exception(error)

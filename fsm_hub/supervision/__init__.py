@@ -1,0 +1,1 @@
+"""One supervisor task per instance, and the hub wiring discovery, supervisors, store and live fold."""

@@ -1,0 +1,368 @@
+"""The live hub: discovery feeds supervisors, supervisors drive machines, the store feeds the fold.
+
+Data flows one way: discovery → supervisor → machine → store → fold → MCP / CLI. The hub's own
+view is the same fold the CLI runs, kept current by subscribing to committed batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import aiohttp
+
+from fsm_hub import __version__
+from fsm_hub.core.events import HUB_STREAM, EventType, StoredEvent
+from fsm_hub.core.view import Fold, InstanceView, View, resolve
+from fsm_hub.discovery.directory import (
+    Announcement,
+    Changed,
+    Discovery,
+    Found,
+    Gone,
+    Updated,
+    process_is_running,
+)
+from fsm_hub.errors import InstanceUnavailable
+from fsm_hub.store.recorder import recorded_machine
+from fsm_hub.store.sqlite import EventStore
+from fsm_hub.supervision.supervisor import (
+    DEFAULT_TIMING,
+    Connector,
+    Rediscover,
+    Remove,
+    Sleep,
+    Supervisor,
+    Timing,
+    timer,
+)
+
+log = logging.getLogger(__name__)
+
+InstanceListener = Callable[[str], None]
+
+
+def announced(announcement: Announcement) -> dict[str, Any]:
+    """The payload of `instance_discovered` / `instance_updated`."""
+    return {
+        "name": announcement.name,
+        "directory": announcement.directory,
+        "port": announcement.port,
+        "pid": announcement.pid,
+        "url": announcement.url,
+    }
+
+
+def evidence(instance: InstanceView) -> tuple[int | None, int | None, str | None]:
+    return (instance.port, instance.pid, instance.url)
+
+
+def what_changed(before: InstanceView, after: Announcement) -> str:
+    changes = [
+        f"{name} {old} → {new}"
+        for name, old, new in (
+            ("port", before.port, after.port),
+            ("pid", before.pid, after.pid),
+            ("url", before.url, after.url),
+        )
+        if old != new
+    ]
+    return "re-announced: " + ", ".join(changes)
+
+
+class Hub:
+    """Owns the supervisors of every instance and the live view folded from the log."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        discovery: Discovery,
+        *,
+        timing: Timing = DEFAULT_TIMING,
+        sleep: Sleep = timer,
+        connector: Connector | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.discovery = discovery
+        self.timing = timing
+        self._sleep = sleep
+        self._connector = connector
+        self._rng = rng or random.Random()
+        self._http: aiohttp.ClientSession | None = None
+        self._fold = Fold()
+        self._view: View | None = None
+        self._supervisors: dict[str, Supervisor] = {}
+        self._listeners: list[InstanceListener] = []
+        self._discovery_task: asyncio.Task[None] | None = None
+        self._frozen = False
+        self._started = time.monotonic()
+        self.open_sessions: set[str] = set()
+        """Ids of the MCP sessions connected to this hub now, bound to an instance or not."""
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Fold the log, record `hub_started`, bring live instances back, reconcile with files."""
+        self._started = time.monotonic()
+        if self._connector is None:
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+            self._connector = self._default_connector
+        self._fold.apply(await self.store.read())
+        self.store.subscribe(self._committed)
+        await self.store.append(
+            HUB_STREAM,
+            EventType.HUB_STARTED,
+            {"pid": os.getpid(), "version": __version__, "instances_dir": str(self.discovery.directory)},
+        )
+        for instance in self.view.instances.values():
+            if instance.state != "dead":
+                supervisor = await self._supervise(instance)
+                await supervisor.deliver(Rediscover(instance.url or "", "hub restart"))
+        changes = self.discovery.changes()
+        first = await anext(changes)
+        await self._reconcile(first, initial=True)
+        for supervisor in self._supervisors.values():
+            supervisor.start()
+        self._freeze_long_lived()
+        self._discovery_task = asyncio.create_task(self._follow(changes), name="fsm-hub-discovery")
+
+    async def settle(self, timeout: float) -> None:
+        """Wait (at most `timeout` seconds) until no instance is still discovered or connecting.
+
+        A process taking over from a dead owner uses it so that its client's next call finds the
+        instances reconnected instead of failing fast while they are.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not any(s.state in ("discovered", "connecting") for s in self._supervisors.values()):
+                return
+            await asyncio.sleep(0.01)
+
+    async def stop(self, reason: str = "stopped") -> None:
+        """Cancel everything and record `hub_stopped` — and nothing else: no instance dies."""
+        if self._discovery_task is not None:
+            self._discovery_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._discovery_task
+        await asyncio.gather(*(s.stop() for s in self._supervisors.values()))
+        if self._http is not None:
+            await self._http.close()
+        if self._frozen:
+            gc.unfreeze()  # what died meanwhile can be collected again
+            self._frozen = False
+        await self.store.append(HUB_STREAM, EventType.HUB_STOPPED, {"pid": os.getpid(), "reason": reason})
+
+    def _freeze_long_lived(self) -> None:
+        """Keep the cyclic collector off the supervisors' state machines.
+
+        Each InstanceMachine holds some 340 GC-tracked objects for as long as the hub runs; with
+        a thousand instances every full collection rescanned them all, which cost more CPU than
+        the supervisors' own work (tools/bench_supervise.py). Frozen objects are still freed by
+        reference counting; `stop` unfreezes.
+        """
+        gc.freeze()
+        self._frozen = True
+
+    def _default_connector(self, url: str) -> Any:
+        from fsm_hub.mcp.upstream import McpClient
+
+        return McpClient(url, session=self._http, timeout=self.timing.call_timeout)
+
+    # -- discovery → supervisors ------------------------------------------------------------
+
+    async def _follow(self, changes: AsyncIterator[Sequence[Found | Changed | Updated | Gone]]) -> None:
+        async for batch in changes:
+            supervised = len(self._supervisors)
+            try:
+                await self._reconcile(batch, initial=False)
+            except Exception:
+                log.exception("could not apply discovery changes")
+            if len(self._supervisors) > supervised:
+                self._freeze_long_lived()
+
+    async def _reconcile(self, batch: Sequence[Found | Changed | Updated | Gone], *, initial: bool) -> None:
+        seen: set[str] = set()
+        for change in batch:
+            if isinstance(change, Gone):
+                await self._gone(change.instance_id, change.reason)
+            else:
+                seen.add(change.announcement.id)
+                await self._announced(change.announcement, start=not initial)
+        if initial:
+            for instance in list(self.view.instances.values()):
+                if instance.id not in seen and instance.state != "dead":
+                    await self._gone(instance.id, self._why_missing(instance))
+
+    async def _announced(self, announcement: Announcement, *, start: bool) -> None:
+        known = self.view.instances.get(announcement.id)
+        data = announced(announcement)
+        if known is None:
+            await self.store.append(announcement.id, EventType.INSTANCE_DISCOVERED, data)
+            instance = self.view.instances[announcement.id]
+            supervisor = await self._supervise(instance)
+            if start:
+                supervisor.start()
+            return
+        if (known.name, known.directory, evidence(known)) != (
+            announcement.name,
+            announcement.directory,
+            announcement.evidence(),
+        ):
+            await self.store.append(announcement.id, EventType.INSTANCE_UPDATED, data)
+        if evidence(known) == announcement.evidence():
+            return
+        existing = self._supervisors.get(announcement.id)
+        if existing is None:  # a dead instance from an earlier run, back with new evidence
+            supervisor = await self._supervise(known)
+            if start:
+                supervisor.start()
+        else:
+            supervisor = existing
+        await supervisor.deliver(Rediscover(announcement.url, what_changed(known, announcement)))
+
+    def _why_missing(self, instance: InstanceView) -> str:
+        """Why an instance the log knows is not among the announcements found at start."""
+        if not (self.discovery.directory / f"{instance.id}.json").exists():
+            return "instance file gone while the hub was stopped"
+        if instance.pid is not None and not process_is_running(instance.pid):
+            return f"process {instance.pid} is gone"
+        return "instance file no longer usable"  # refused or unreadable; discovery said why
+
+    async def _gone(self, instance_id: str, reason: str) -> None:
+        supervisor = self._supervisors.get(instance_id)
+        if supervisor is None:
+            return  # dead already and never supervised in this run: nothing to remove
+        await supervisor.deliver(Remove(reason))
+
+    async def _supervise(self, instance: InstanceView) -> Supervisor:
+        machine = await recorded_machine(
+            self.store,
+            instance.id,
+            state=instance.state,
+            attempt=instance.retry_count,
+            max_attempts=self.timing.retry_attempts,
+        )
+        assert self._connector is not None
+        supervisor = Supervisor(
+            instance.id,
+            instance.url or "",
+            machine,
+            connector=self._connector,
+            timing=self.timing,
+            sleep=self._sleep,
+            rng=self._rng,
+            on_change=self._changed,
+        )
+        supervisor.last_error = instance.last_error
+        self._supervisors[instance.id] = supervisor
+        return supervisor
+
+    # -- the view ---------------------------------------------------------------------------
+
+    def _committed(self, events: Sequence[StoredEvent]) -> None:
+        self._fold.apply(events)
+        self._view = None
+
+    @property
+    def view(self) -> View:
+        if self._view is None:
+            self._view = self._fold.view()
+        return self._view
+
+    def on_instance_change(self, listener: InstanceListener) -> None:
+        """Call `listener(instance_id)` whenever an instance's state or tools change."""
+        self._listeners.append(listener)
+
+    def forget_listener(self, listener: InstanceListener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def _changed(self, supervisor: Supervisor) -> None:
+        for listener in self._listeners:
+            listener(supervisor.instance_id)
+
+    # -- what sessions use ------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> str:
+        view = self.view
+        return resolve(ref, view.instances.keys(), {i.id: i.name for i in view.instances.values()})
+
+    def instance(self, instance_id: str) -> InstanceView | None:
+        return self.view.instances.get(instance_id)
+
+    def state(self, instance_id: str) -> str:
+        supervisor = self._supervisors.get(instance_id)
+        if supervisor is not None:
+            return supervisor.state
+        instance = self.instance(instance_id)
+        return instance.state if instance else "unknown"
+
+    def tools(self, instance_id: str) -> list[dict[str, Any]] | None:
+        """The instance's cached tool list while it is active, else None."""
+        supervisor = self._supervisors.get(instance_id)
+        if supervisor is None or supervisor.state != "active":
+            return None
+        return supervisor.tools
+
+    def unavailable(self, instance_id: str) -> InstanceUnavailable:
+        instance = self.instance(instance_id)
+        supervisor = self._supervisors.get(instance_id)
+        last_error = supervisor.last_error if supervisor else (instance.last_error if instance else None)
+        return InstanceUnavailable(instance_id, self.state(instance_id), last_error)
+
+    async def request(
+        self,
+        instance_id: str,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        on_message: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> dict[str, Any]:
+        supervisor = self._supervisors.get(instance_id)
+        if supervisor is None:
+            raise self.unavailable(instance_id)
+        return await supervisor.request(method, params, on_message=on_message)
+
+    async def notify(self, instance_id: str, method: str, params: dict[str, Any] | None = None) -> None:
+        supervisor = self._supervisors.get(instance_id)
+        if supervisor is None:
+            raise self.unavailable(instance_id)
+        await supervisor.notify(method, params)
+
+    async def history(self, ref: str, limit: int | None = None) -> list[StoredEvent]:
+        stream = HUB_STREAM if ref == HUB_STREAM else self.resolve(ref)
+        return await self.store.read(stream=stream, last=limit)
+
+    async def session_connected(self, session_id: str, instance_id: str) -> None:
+        await self.store.append(instance_id, EventType.SESSION_CONNECTED, {"session_id": session_id})
+
+    async def session_disconnected(self, session_id: str, instance_id: str, reason: str) -> None:
+        await self.store.append(
+            instance_id, EventType.SESSION_DISCONNECTED, {"session_id": session_id, "reason": reason}
+        )
+
+    def status(self) -> dict[str, Any]:
+        view = self.view
+        return {
+            "states": view.count_by_state(),
+            "instances": len(view.instances),
+            "sessions": len(view.sessions),
+            "clients": len(self.open_sessions),
+            "db": str(self.store.path),
+            "events": self.store.last_seq,
+            "uptime_seconds": round(time.monotonic() - self._started, 3),
+            "instances_dir": str(self.discovery.directory),
+            "instances_dir_refused": self.discovery.refused,
+            "version": __version__,
+        }

@@ -1,0 +1,1 @@
+"""How clients reach the hub: stdio and Streamable HTTP."""
