@@ -204,8 +204,15 @@ class ServerSpec:
 
     def fingerprint(self) -> str:
         canonical = json.dumps(
-            [self.kind, self.command, self.args, sorted(self.env.reveal().items()), self.cwd, self.url,
-             sorted(self.headers.reveal().items())],
+            [
+                self.kind,
+                self.command,
+                self.args,
+                sorted(self.env.reveal().items()),
+                self.cwd,
+                self.url,
+                sorted(self.headers.reveal().items()),
+            ],
             separators=(",", ":"),
         )
         return hmac.new(_FINGERPRINT_KEY, canonical.encode(), "sha256").hexdigest()[:16]
@@ -305,7 +312,9 @@ def parse_config(
     for name, entry in entries.items():
         sid = instance_id(name)
         if sid in servers:
-            warnings.append(f"{source}: server {name!r} skipped: its id {sid} is taken by {servers[sid].name!r}")
+            warnings.append(
+                f"{source}: server {name!r} skipped: its id {sid} is taken by {servers[sid].name!r}"
+            )
             continue
         try:
             spec, notes = parse_entry(name, entry, source, environ)
@@ -366,7 +375,11 @@ def parse_entry(
             raise ConfigError(f"'url' must be an http(s) URL, got {url!r}")
         headers = {k: expand(v, f"headers.{k}") for k, v in _string_map(entry, "headers").items()}
         spec = ServerSpec(
-            name=name, kind="http", source=source, url=expanded, headers=Secrets(headers),
+            name=name,
+            kind="http",
+            source=source,
+            url=expanded,
+            headers=Secrets(headers),
             written={"url": url},
         )
     return spec, notes
@@ -573,5 +586,12 @@ def _file_key(path: Path) -> tuple[int, ...] | None:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, stat.S_IMODE(st.st_mode),
-            st.st_uid)
+    return (
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        stat.S_IMODE(st.st_mode),
+        st.st_uid,
+    )
