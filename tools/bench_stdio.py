@@ -73,28 +73,26 @@ async def cold_starts(argv: list[str], n: int, bound: int | None) -> tuple[float
     return wall, children_cpu() - cpu
 
 
+async def latencies(client: StdioClient | Client, calls: int) -> list[float]:
+    """Sequential echo calls after a warm-up; the same code for both clients."""
+    for _ in range(20):
+        await client.call_tool("echo", {"text": "warm"})
+    out = []
+    for _ in range(calls):
+        began = time.perf_counter()
+        await client.call_tool("echo", {"text": "hello"})
+        out.append(time.perf_counter() - began)
+    return out
+
+
 async def latency_ours(calls: int) -> list[float]:
     async with StdioClient(SDK[0], SDK[1:], cwd=str(REPO), name="sdk") as client:
-        for _ in range(20):
-            await client.call_tool("echo", {"text": "warm"})
-        out = []
-        for _ in range(calls):
-            began = time.perf_counter()
-            await client.call_tool("echo", {"text": "hello"})
-            out.append(time.perf_counter() - began)
-        return out
+        return await latencies(client, calls)
 
 
 async def latency_sdk(calls: int) -> list[float]:
     async with Client(StdioServerParameters(command=SDK[0], args=SDK[1:], cwd=str(REPO))) as client:
-        for _ in range(20):
-            await client.call_tool("echo", {"text": "warm"})
-        out = []
-        for _ in range(calls):
-            began = time.perf_counter()
-            await client.call_tool("echo", {"text": "hello"})
-            out.append(time.perf_counter() - began)
-        return out
+        return await latencies(client, calls)
 
 
 async def main() -> None:
