@@ -30,6 +30,7 @@ import os
 import signal
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 from fsm_hub import __version__
@@ -61,6 +62,7 @@ STDERR_BYTES: Final = 4096
 DEFAULT_GRACE: Final = 2.0
 """Seconds between closing stdin and SIGTERM, and between SIGTERM and SIGKILL."""
 _MAX_TOOL_PAGES: Final = 1000
+_ORPHAN_STEP: Final = 0.05
 _EXIT_WAIT: Final = 1.0
 """After stdout ends, how long the process may take to exit before we say it closed stdout."""
 
@@ -102,6 +104,45 @@ class StderrTail:
         lines = [*self._lines, bytes(self._partial)] if self._partial else list(self._lines)
         decoded = (line.decode("utf-8", "replace").rstrip("\r") for line in lines)
         return " | ".join(line for line in decoded if line.strip())
+
+
+def process_identity(pid: int) -> str | None:
+    """What tells this process from a later one given the same pid: boot id and start time.
+
+    Linux only (/proc); None elsewhere, or if the process is gone or a zombie.
+    """
+    try:
+        line = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    fields = line.rsplit(")", 1)[-1].split()
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return f"{boot}:{fields[19]}"
+
+
+async def end_orphan(
+    pid: int, identity: str, *, grace: float = DEFAULT_GRACE, sleep: Sleep = asyncio.sleep
+) -> bool:
+    """End the group of a server a hub started and never stopped (it was SIGKILLed, say), if
+    `pid` is still that very process: SIGTERM, then SIGKILL once `grace` seconds pass.
+
+    Whether it was found (and ended). A process that is not ours, or a pid now used by another
+    program, is left alone.
+    """
+    if process_identity(pid) != identity:
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    steps = max(1, round(grace / _ORPHAN_STEP))
+    for _ in range(steps):
+        if process_identity(pid) != identity:
+            break
+        await sleep(_ORPHAN_STEP)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    return True
 
 
 def describe_exit(returncode: int) -> str:
@@ -152,6 +193,9 @@ class StdioClient:
         self._client_capabilities = dict(capabilities or {})
         self._sleep = sleep
         self._process: asyncio.subprocess.Process | None = None
+        self.identity: str | None = None
+        """`process_identity` of the child right after spawn: record it with the pid, so a later
+        hub can tell (`end_orphan`) whether a recorded pid is still this server."""
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._receivers: dict[int, OnMessage] = {}
@@ -182,6 +226,12 @@ class StdioClient:
     @property
     def returncode(self) -> int | None:
         return self._process.returncode if self._process is not None else None
+
+    async def wait(self) -> int:
+        """Wait for the child to exit; its return code (negative: the signal that ended it)."""
+        if self._process is None:
+            raise TransportError(f"{self.name} is not started")
+        return await self._process.wait()
 
     async def __aenter__(self) -> StdioClient:
         try:
@@ -220,6 +270,7 @@ class StdioClient:
                 f"cannot start {self.name}: {exc.strerror or exc}: {self.command}{where}"
             ) from None
         process = self._process
+        self.identity = process_identity(process.pid)
         assert process.stdout is not None and process.stderr is not None
         self._tasks = [
             asyncio.create_task(self._drain_stderr(process.stderr), name=f"stderr {self.name}"),

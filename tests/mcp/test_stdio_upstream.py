@@ -15,7 +15,15 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
 from fsm_hub.errors import TransportError
-from fsm_hub.mcp.stdio_upstream import STDERR_BYTES, STDERR_LINES, StderrTail, StdioClient, child_environment
+from fsm_hub.mcp.stdio_upstream import (
+    STDERR_BYTES,
+    STDERR_LINES,
+    StderrTail,
+    StdioClient,
+    child_environment,
+    end_orphan,
+    process_identity,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -277,3 +285,21 @@ def test_the_stderr_tail_keeps_the_last_lines_within_its_bounds() -> None:
     assert text.endswith("partial") and len(text) <= STDERR_BYTES + 3 * STDERR_LINES
     tail.feed(b"\xff\xfe broken utf-8\n")
     assert tail.text().endswith("\ufffd\ufffd broken utf-8")
+
+
+# --- orphans of a hub that was killed ----------------------------------------------------------
+
+
+async def test_an_orphan_still_ours_is_ended_and_a_reused_pid_is_left_alone(stdio: Make) -> None:
+    client = await stdio("ignore-sigterm")
+    pid, identity = client.pid, client.identity
+    assert pid is not None and identity is not None and process_identity(pid) == identity
+    assert not await end_orphan(pid, identity + "0")  # another process under that pid: not ours
+    assert alive(pid)
+
+    async def instant(seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    assert await end_orphan(pid, identity, grace=1.0, sleep=instant)
+    assert await asyncio.wait_for(client.wait(), 5) == -9
+    assert not await end_orphan(pid, identity)  # gone: nothing to do
