@@ -485,6 +485,8 @@ class ConfiguredServers:
             data = read_config_bytes(self.path)
             if data is None:
                 parsed = ParsedConfig({}, frozenset(), ())
+            elif not data.strip() and self._current:
+                raise ConfigError(f"{self.path} is empty (caught mid-write?)")
             else:
                 parsed = parse_config(data, str(self.path), self._environ)
         except RefusedConfig as exc:

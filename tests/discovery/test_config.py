@@ -305,6 +305,18 @@ def test_a_broken_file_keeps_the_last_good_config_and_says_why_once(config: Path
     assert servers.problem is None
 
 
+def test_a_file_emptied_mid_write_keeps_the_servers_running(config: Path) -> None:
+    warnings = Warnings()
+    servers = ConfiguredServers(config, warn=warnings, environ=ENVIRON)
+    write_config(config, {"a": {"command": "srv"}})
+    servers.load()
+    config.write_text("")  # an editor that truncates, then writes
+    assert servers.load() == []
+    assert list(servers.current) == ["cfg-a"] and "is empty" in warnings[0]
+    config.unlink()  # deleted: that is a decision, not a write in progress
+    assert servers.load() == [Gone("cfg-a", f"removed from {config}")]
+
+
 def test_a_bad_entry_keeps_its_last_good_settings(config: Path) -> None:
     servers = ConfiguredServers(config, warn=Warnings(), environ=ENVIRON)
     write_config(config, {"a": {"command": "srv"}})
