@@ -35,7 +35,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
@@ -87,22 +87,23 @@ def is_configured_id(value: str) -> bool:
     return value.startswith(ID_PREFIX)
 
 
-class Secrets(Mapping[str, str]):
-    """Names → secret values (env or headers). Shows names only: repr, str and format say `***`."""
+class Secrets:
+    """Names → secret values (env or headers). Shows names only: repr, str and format say `***`.
+
+    Deliberately not a Mapping: `dict(...)`, `json.dumps(...)` and `{**...}` fail instead of
+    copying the values somewhere they could be logged. `reveal()` is the one way to them.
+    """
 
     __slots__ = ("_values",)
 
     def __init__(self, values: Mapping[str, str] | None = None) -> None:
         self._values = dict(values or {})
 
-    def __getitem__(self, key: str) -> str:
-        return self._values[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
-
     def __len__(self) -> int:
         return len(self._values)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._values
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Secrets) and self._values == other._values
@@ -114,6 +115,15 @@ class Secrets(Mapping[str, str]):
         return "Secrets({" + ", ".join(f"{k!r}: {_MASK!r}" for k in self._values) + "})"
 
     __str__ = __repr__
+
+    def __copy__(self) -> Secrets:
+        return self  # immutable
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Secrets:
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError("Secrets are not pickled: they would leave the process with their values")
 
     def names(self) -> tuple[str, ...]:
         return tuple(self._values)

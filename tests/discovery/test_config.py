@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
+import pickle
 import time
 from collections.abc import AsyncGenerator, Awaitable
 from pathlib import Path
@@ -228,6 +230,20 @@ def test_no_secret_value_shows_in_repr_str_or_description() -> None:
     assert (s.args, s.env) == (("--key=${TOKEN}",), ("API_KEY",))
     assert "'API_KEY': '***'" in repr(parsed.servers["cfg-s"])
     assert parsed.servers["cfg-h"].describe().headers == ("X-Key",)
+
+
+def test_secrets_cannot_be_copied_out_by_accident() -> None:
+    env = parse({"s": {"command": "srv", "env": {"API_KEY": SECRET}}}).servers["cfg-s"].env
+    with pytest.raises(TypeError):
+        json.dumps(env)
+    with pytest.raises(TypeError):
+        dict(env)  # type: ignore[call-overload]
+    with pytest.raises(TypeError):
+        pickle.dumps(env)
+    assert SECRET not in repr(
+        dataclasses.asdict(parse({"s": {"command": "x", "env": {"K": SECRET}}}).servers["cfg-s"])
+    )
+    assert "API_KEY" in env and len(env) == 1 and env.names() == ("API_KEY",)
 
 
 def test_the_fingerprint_follows_secret_values_without_revealing_them() -> None:
