@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -303,3 +304,12 @@ async def test_an_orphan_still_ours_is_ended_and_a_reused_pid_is_left_alone(stdi
     assert await end_orphan(pid, identity, grace=1.0, sleep=instant)
     assert await asyncio.wait_for(client.wait(), 5) == -9
     assert not await end_orphan(pid, identity)  # gone: nothing to do
+
+
+async def test_a_server_killed_by_a_signal_names_it(stdio: Make) -> None:
+    client = await stdio()
+    assert client.pid is not None
+    os.kill(client.pid, signal.SIGKILL)
+    with pytest.raises(TransportError) as caught:
+        await client.ping()
+    assert str(caught.value) == f"stdio-light (pid {client.pid}) was killed by SIGKILL; no stderr"
