@@ -498,12 +498,13 @@ class StdioClient:
                     message = json.loads(line)
                 except ValueError:
                     message = None
-                if not isinstance(message, dict):
+                # A batch (an array, MCP 2025-03-26) is its messages in order.
+                batch = message if isinstance(message, list) and message else [message]
+                if not all(isinstance(m, dict) for m in batch):
                     why = f"wrote something that is not JSON-RPC on stdout: {_snippet(line)}"
                     break
-                await self._dispatch(message)
-        except asyncio.CancelledError:
-            raise
+                for one in batch:
+                    await self._dispatch(one)
         except Exception as exc:  # a bug of ours must still end the client, not hang it
             why = f"reader failed: {type(exc).__name__}: {exc}"
         self._fail(await self._failure_with_tail(process, why))  # close() stops what is left
@@ -593,14 +594,15 @@ class StdioClient:
     def listen(self, on_message: OnMessage | None = None) -> asyncio.Task[None]:
         """Receive the server's notifications (those no call claims) until it ends or close().
 
-        The task ends quietly when the server ends. Calling again while it runs returns it.
+        The receiver is in place when this returns; the task ends quietly when the server
+        ends, and cancelling it stops listening. Calling again while it runs returns it.
         """
         if self._listening is None or self._listening.done():
-            self._listening = asyncio.create_task(self._listen(on_message), name=f"listen {self.name}")
+            self._listener = on_message or self.on_message
+            self._listening = asyncio.create_task(self._listen(), name=f"listen {self.name}")
         return self._listening
 
-    async def _listen(self, on_message: OnMessage | None) -> None:
-        self._listener = on_message or self.on_message
+    async def _listen(self) -> None:
         try:
             await self._ended.wait()
         finally:

@@ -113,6 +113,14 @@ async def test_progress_goes_to_the_call_and_server_requests_are_answered(stdio:
     assert json.loads(result["content"][0]["text"]) == {"jsonrpc": "2.0", "id": "server-1", "result": {}}
 
 
+async def test_a_batch_on_stdout_is_its_messages_in_order(stdio: Make) -> None:
+    client = await stdio()
+    heard: list[dict[str, Any]] = []
+    client.listen(heard.append)
+    assert (await client.call_tool("batch"))["content"][0]["text"] == "batched"
+    assert [m["method"] for m in heard] == ["notifications/message"]
+
+
 async def test_notifications_no_call_claims_go_to_the_listener(stdio: Make) -> None:
     client = await stdio()
     heard: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

@@ -5,7 +5,8 @@ fifty of them start at once on a small machine). Modes:
 
 - ``light`` (default): tools ``echo``, ``add``, ``progress`` (sends N progress notifications for
   the call's progressToken), ``ask`` (sends a server request and waits for its answer),
-  ``changed`` (sends tools/list_changed); answers ``ping``; exits at the end of stdin.
+  ``changed`` (sends tools/list_changed), ``batch`` (answers in a JSON-RPC batch), ``env``
+  (the server's environment and cwd as JSON); answers ``ping``; exits at the end of stdin.
 - ``exit-after N``: answers N tools/call, then exits with code 3 in the middle of the next one.
 - ``exit-at-start``: says ``fatal: cannot open the database`` on stderr and exits with code 2.
 - ``garbage``: handshakes normally, then answers tools/call with a line that is not JSON.
@@ -14,7 +15,6 @@ fifty of them start at once on a small machine). Modes:
   ignores the end of stdin; only SIGKILL ends it.
 - ``flood-stderr N``: writes N MiB to stderr (default 4) before answering initialize, and 1 MiB
   before each tools/call answer: a hub that does not drain stderr deadlocks on it.
-- ``env``: tool ``env`` answers the server's environment and cwd as JSON (what it inherited).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ TOOLS = [
         ("ask", "Send a server request (ping) and answer with what came back."),
         ("changed", "Announce tools/list_changed."),
         ("env", "The environment and cwd this server runs with."),
+        ("batch", "Answer inside a JSON-RPC batch, after a log notification."),
     )
 ]
 
@@ -101,6 +102,16 @@ class Server:
                 return
             if self.mode == "flood-stderr":
                 self.flood(1)
+            if params.get("name") == "batch":
+                note = {
+                    "jsonrpc": "2.0",
+                    "method": "notifications/message",
+                    "params": {"level": "info", "data": "b"},
+                }
+                answer = {"jsonrpc": "2.0", "id": request_id, "result": text("batched")}
+                sys.stdout.write(json.dumps([note, answer]) + "\n")
+                sys.stdout.flush()
+                return
             result = self.call(params.get("name"), params.get("arguments") or {}, params)
         else:
             send({"jsonrpc": "2.0", "id": request_id, "error": {"code": -32601, "message": f"no {method}"}})
