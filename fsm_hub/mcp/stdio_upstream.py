@@ -599,13 +599,15 @@ class StdioClient:
         """
         if self._listening is None or self._listening.done():
             self._listener = on_message or self.on_message
-            self._listening = asyncio.create_task(self._listen(), name=f"listen {self.name}")
+            self._listening = asyncio.create_task(self._until_ended(), name=f"listen {self.name}")
+            self._listening.add_done_callback(self._stop_listening)  # even if cancelled before it ran
         return self._listening
 
-    async def _listen(self) -> None:
-        try:
-            await self._ended.wait()
-        finally:
+    async def _until_ended(self) -> None:
+        await self._ended.wait()
+
+    def _stop_listening(self, task: asyncio.Task[None]) -> None:
+        if task is self._listening:
             self._listener = None
 
 

@@ -131,6 +131,13 @@ async def test_notifications_no_call_claims_go_to_the_listener(stdio: Make) -> N
     await client.close()
     await asyncio.wait_for(listener, 5)  # ends quietly with the server
 
+    again = await stdio()
+    cancelled = again.listen(heard.put_nowait)
+    cancelled.cancel()  # before it ever ran: the receiver goes all the same
+    await asyncio.gather(cancelled, return_exceptions=True)
+    await again.call_tool("changed")
+    assert heard.empty()
+
 
 async def test_the_child_gets_the_configured_env_over_a_minimal_one_and_the_cwd(
     stdio: Make, tmp_path: Path
