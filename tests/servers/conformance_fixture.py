@@ -99,7 +99,9 @@ def build_server() -> MCPServer[object]:
     def test_embedded_resource() -> list[mcp_types.ContentBlock]:
         """Returns an embedded text resource."""
         resource = mcp_types.TextResourceContents(
-            uri="test://embedded-resource", mime_type="text/plain", text="This is an embedded resource content."
+            uri="test://embedded-resource",
+            mime_type="text/plain",
+            text="This is an embedded resource content.",
         )
         return [mcp_types.EmbeddedResource(type="resource", resource=resource)]
 
@@ -107,7 +109,9 @@ def build_server() -> MCPServer[object]:
     def test_multiple_content_types() -> list[mcp_types.ContentBlock]:
         """Returns text, an image and an embedded resource."""
         resource = mcp_types.TextResourceContents(
-            uri="test://mixed-content-resource", mime_type="application/json", text='{"test":"data","value":123}'
+            uri="test://mixed-content-resource",
+            mime_type="application/json",
+            text='{"test":"data","value":123}',
         )
         return [
             mcp_types.TextContent(type="text", text="Multiple content types test:"),
@@ -143,7 +147,9 @@ def build_server() -> MCPServer[object]:
     @server.tool()
     async def test_sampling(prompt: str, ctx: Context) -> str:
         """Asks the client to sample an answer to `prompt`."""
-        message = mcp_types.SamplingMessage(role="user", content=mcp_types.TextContent(type="text", text=prompt))
+        message = mcp_types.SamplingMessage(
+            role="user", content=mcp_types.TextContent(type="text", text=prompt)
+        )
         result = await ctx.session.create_message(
             messages=[message], max_tokens=100, related_request_id=ctx.request_id
         )
@@ -235,23 +241,25 @@ def build_server() -> MCPServer[object]:
         return await _elicit(ctx, "Please select options from the enum fields", schema)
 
     async def _elicit(ctx: Context, message: str, schema: dict[str, Any], label: str = "") -> str:
-        result = await ctx.session.elicit_form(
-            message,
-            schema,  # type: ignore[arg-type]  # a raw schema: the SDK's model route drops enum shapes
-            related_request_id=ctx.request_id,
-        )
+        # A raw schema, not `ctx.elicit(model)`: the SDK's model route cannot express the enum shapes.
+        result = await ctx.session.elicit_form(message, schema, related_request_id=ctx.request_id)
         if label:
             return f"{label}: action={result.action}, content={result.content}"
         return f"Elicitation completed: action={result.action}, content={result.content}"
 
     # --- resources ---------------------------------------------------------------------------
 
-    @server.resource("test://static-text", name="static-text", description="A static text resource", mime_type="text/plain")
+    @server.resource(
+        "test://static-text", name="static-text", description="A static text resource", mime_type="text/plain"
+    )
     def static_text() -> str:
         return "This is the content of the static text resource."
 
     @server.resource(
-        "test://static-binary", name="static-binary", description="A static binary resource", mime_type="image/png"
+        "test://static-binary",
+        name="static-binary",
+        description="A static binary resource",
+        mime_type="image/png",
     )
     def static_binary() -> bytes:
         return base64.b64decode(PNG)
@@ -274,7 +282,9 @@ def build_server() -> MCPServer[object]:
     def watched_resource() -> str:
         return "Watched resource content"
 
-    async def subscribe(ctx: ServerRequestContext[Any], params: mcp_types.SubscribeRequestParams) -> mcp_types.EmptyResult:
+    async def subscribe(
+        ctx: ServerRequestContext[Any], params: mcp_types.SubscribeRequestParams
+    ) -> mcp_types.EmptyResult:
         subscriptions.add(str(params.uri))
         return mcp_types.EmptyResult()
 
@@ -284,7 +294,9 @@ def build_server() -> MCPServer[object]:
         subscriptions.discard(str(params.uri))
         return mcp_types.EmptyResult()
 
-    async def set_level(ctx: ServerRequestContext[Any], params: mcp_types.SetLevelRequestParams) -> mcp_types.EmptyResult:
+    async def set_level(
+        ctx: ServerRequestContext[Any], params: mcp_types.SetLevelRequestParams
+    ) -> mcp_types.EmptyResult:
         levels.set(ctx.session, params.level)
         return mcp_types.EmptyResult()
 
@@ -306,7 +318,7 @@ def build_server() -> MCPServer[object]:
         return f"Prompt with arguments: arg1='{arg1}', arg2='{arg2}'"
 
     @server.prompt()
-    def test_prompt_with_embedded_resource(resourceUri: str) -> list[Message]:  # noqa: N803 -- the suite's name
+    def test_prompt_with_embedded_resource(resourceUri: str) -> list[Message]:
         """A prompt that embeds the resource named by its argument."""
         resource = mcp_types.TextResourceContents(
             uri=resourceUri, mime_type="text/plain", text="Embedded resource content for testing."
@@ -324,7 +336,7 @@ def build_server() -> MCPServer[object]:
             UserMessage("Please analyze the image above."),
         ]
 
-    @server.completion()
+    @server.completion()  # type: ignore[untyped-decorator,no-untyped-call]  # the SDK leaves it untyped
     async def complete(
         ref: mcp_types.PromptReference | mcp_types.ResourceTemplateReference,
         argument: mcp_types.CompletionArgument,
