@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import base64
 import io
+import itertools
 import struct
 import wave
 import zlib
@@ -23,6 +24,7 @@ import mcp_types
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.prompts.base import Message, UserMessage
+from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
 
 _LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 
@@ -67,8 +69,77 @@ class LogLevels:
         return _LEVELS.index(level) >= self._by_session.get(id(session), 0)
 
 
+RETRY_MS = 200
+"""The reconnection delay the fixture suggests in its priming events (SEP-1699)."""
+
+JSON_SCHEMA_2020_12: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "$defs": {
+        "address": {
+            "$anchor": "addressDef",
+            "type": "object",
+            "properties": {"street": {"type": "string"}, "city": {"type": "string"}},
+        }
+    },
+    "properties": {
+        "name": {"type": "string"},
+        "address": {"$ref": "#/$defs/address"},
+        "contactMethod": {"type": "string", "enum": ["phone", "email"]},
+        "phone": {"type": "string"},
+        "email": {"type": "string"},
+    },
+    "allOf": [{"anyOf": [{"required": ["phone"]}, {"required": ["email"]}]}],
+    "if": {"properties": {"contactMethod": {"const": "phone"}}, "required": ["contactMethod"]},
+    "then": {"required": ["phone"]},
+    "else": {"required": ["email"]},
+    "additionalProperties": False,
+}
+"""The input schema scenario `json-schema-2020-12` expects verbatim (SEP-1613, SEP-2106)."""
+
+
+class ReplayingEventStore(EventStore):
+    """Keeps every event so a client that reconnects with Last-Event-ID gets what it missed."""
+
+    def __init__(self) -> None:
+        self._events: list[tuple[StreamId, EventId, mcp_types.JSONRPCMessage | None]] = []
+        self._ids = itertools.count(1)
+
+    async def store_event(self, stream_id: StreamId, message: mcp_types.JSONRPCMessage | None) -> EventId:
+        event_id = str(next(self._ids))
+        self._events.append((stream_id, event_id, message))
+        return event_id
+
+    async def replay_events_after(
+        self, last_event_id: EventId, send_callback: EventCallback
+    ) -> StreamId | None:
+        position = next((i for i, event in enumerate(self._events) if event[1] == last_event_id), None)
+        if position is None:
+            return None
+        stream_id = self._events[position][0]
+        for stream, event_id, message in self._events[position + 1 :]:
+            if stream == stream_id and message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream_id
+
+
+class ConformanceServer(MCPServer[object]):
+    """`MCPServer` that lists one tool with a hand-written JSON Schema 2020-12 input schema.
+
+    The SDK derives input schemas from signatures; the scenario needs keywords no signature makes.
+    """
+
+    async def list_tools(self) -> list[mcp_types.Tool]:
+        return [
+            tool.model_copy(update={"input_schema": JSON_SCHEMA_2020_12})
+            if tool.name == "json_schema_2020_12_tool"
+            else tool
+            for tool in await super().list_tools()
+        ]
+
+
 def build_server() -> MCPServer[object]:
-    server: MCPServer[object] = MCPServer("fsm-hub-conformance-fixture", version="1.0.0", log_level="WARNING")
+    server = ConformanceServer("fsm-hub-conformance-fixture", version="1.0.0", log_level="WARNING")
     levels = LogLevels()
     subscriptions: set[str] = set()
 
@@ -240,6 +311,24 @@ def build_server() -> MCPServer[object]:
         }
         return await _elicit(ctx, "Please select options from the enum fields", schema)
 
+    @server.tool()
+    def json_schema_2020_12_tool(
+        name: str | None = None,
+        address: dict[str, str] | None = None,
+        contactMethod: str | None = None,
+        phone: str | None = None,
+        email: str | None = None,
+    ) -> str:
+        """Tool with JSON Schema 2020-12 features"""
+        return f"received name={name}, contactMethod={contactMethod}"
+
+    @server.tool()
+    async def test_reconnection(ctx: Context) -> str:
+        """Closes its SSE stream mid-call; the result arrives after the client resumes (SEP-1699)."""
+        await ctx.close_sse_stream()
+        await asyncio.sleep(RETRY_MS * 2 / 1000)
+        return "Reconnection test completed"
+
     async def _elicit(ctx: Context, message: str, schema: dict[str, Any], label: str = "") -> str:
         # A raw schema, not `ctx.elicit(model)`: the SDK's model route cannot express the enum shapes.
         result = await ctx.session.elicit_form(message, schema, related_request_id=ctx.request_id)
@@ -354,7 +443,13 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    build_server().run("streamable-http", host=args.host, port=args.port)
+    build_server().run(
+        "streamable-http",
+        host=args.host,
+        port=args.port,
+        event_store=ReplayingEventStore(),
+        retry_interval=RETRY_MS,
+    )
 
 
 if __name__ == "__main__":
