@@ -42,7 +42,7 @@ while (($#)); do
             modes+=("$2"); shift 2 ;;
     --keep) keep=1; shift ;;
     --install-only) install_only=1; shift ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) echo "conformance.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
 done

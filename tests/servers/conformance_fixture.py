@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import base64
 import io
-import itertools
 import struct
 import wave
 import zlib
@@ -24,7 +23,9 @@ import mcp_types
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.prompts.base import Message, UserMessage
-from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
+from mcp.server.streamable_http import EventCallback, EventId, EventMessage, StreamId
+
+from tests.servers.sdk_server import MemoryEventStore
 
 _LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 
@@ -98,17 +99,8 @@ JSON_SCHEMA_2020_12: dict[str, Any] = {
 """The input schema scenario `json-schema-2020-12` expects verbatim (SEP-1613, SEP-2106)."""
 
 
-class ReplayingEventStore(EventStore):
+class ReplayingEventStore(MemoryEventStore):
     """Keeps every event so a client that reconnects with Last-Event-ID gets what it missed."""
-
-    def __init__(self) -> None:
-        self._events: list[tuple[StreamId, EventId, mcp_types.JSONRPCMessage | None]] = []
-        self._ids = itertools.count(1)
-
-    async def store_event(self, stream_id: StreamId, message: mcp_types.JSONRPCMessage | None) -> EventId:
-        event_id = str(next(self._ids))
-        self._events.append((stream_id, event_id, message))
-        return event_id
 
     async def replay_events_after(
         self, last_event_id: EventId, send_callback: EventCallback
