@@ -183,6 +183,9 @@ if want b; then
   lost="$(comm -23 <(echo "$reference") <(passing "$WORK/b.tsv"))"
   if [[ -n "$lost" ]]; then
     echo "FAIL (b): $(echo "$lost" | wc -l) scenario(s) pass directly but not through the hub: $(echo $lost)" >&2
+    if [[ -z "$(passing "$WORK/b.tsv")" ]] && grep -qs '"errorMessage": ".*: 404' "$WORK"/out-b/*/checks.json; then
+      echo "      /instances/$INSTANCE_NAME/mcp answered 404: the hub has no per-instance endpoint yet (issue 8)" >&2
+    fi
     status=1
   fi
 fi
