@@ -25,6 +25,7 @@ from fsm_hub.mcp.stdio_upstream import (
     end_orphan,
     process_identity,
 )
+from tests.servers.everything import everything_stdio
 
 pytestmark = pytest.mark.e2e
 
@@ -328,3 +329,24 @@ async def test_a_server_killed_by_a_signal_names_it(stdio: Make) -> None:
     with pytest.raises(TransportError) as caught:
         await client.ping()
     assert str(caught.value) == f"stdio-light (pid {client.pid}) was killed by SIGKILL; no stderr"
+
+
+async def test_server_everything_over_stdio_answers_us_as_it_answers_the_sdk_client() -> None:
+    params = everything_stdio()
+    async with StdioClient(params.command, params.args, name="everything", timeout=60) as ours:
+        tools = {t["name"] for t in await ours.list_tools()}
+        echoed = await ours.call_tool("echo", {"message": "same"})
+        summed = await ours.call_tool("get-sum", {"a": 2, "b": 3})
+        await ours.ping()
+    async with Client(params) as sdk:
+        sdk_tools = {t.name for t in (await sdk.list_tools()).tools}
+        sdk_echoed = (await sdk.call_tool("echo", {"message": "same"})).model_dump(
+            by_alias=True, exclude_none=True
+        )
+        sdk_summed = (await sdk.call_tool("get-sum", {"a": 2, "b": 3})).model_dump(
+            by_alias=True, exclude_none=True
+        )
+    assert tools == sdk_tools and {"echo", "get-sum"} <= tools
+    assert echoed["content"] == sdk_echoed["content"]
+    assert summed["content"] == sdk_summed["content"]
+    assert ours.returncode is not None
