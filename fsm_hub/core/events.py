@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -30,6 +31,8 @@ class EventType(StrEnum):
     """data: pid, version, instances_dir."""
     HUB_STOPPED = "hub_stopped"
     """data: pid, reason."""
+    SUPERVISOR_FAILED = "supervisor_failed"
+    """data: instance, error, restart (count in this run). Stored in the hub stream."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,26 @@ class StoredEvent:
 
 encode_data = json.JSONEncoder(ensure_ascii=False, check_circular=False, separators=(",", ":")).encode
 """An event's `data` as stored: compact JSON (one encoder object: this is on the append hot path)."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
+
+
+def storable(text: str) -> str:
+    """`text` as UTF-8 can hold it: each lone surrogate is replaced by U+FFFD.
+
+    Python strings may carry surrogates (from `surrogateescape`d file names and bytes, or JSON
+    `\\udc80` escapes) that neither UTF-8 nor SQLite accepts; the log keeps a replacement
+    rather than refusing the event. Everything else is stored exactly.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub(REPLACEMENT, text)
+    return text
 
 
 def format_time(moment: datetime) -> str:

@@ -16,7 +16,15 @@ from typing import Any
 
 import aiosqlite
 
-from fsm_hub.core.events import HUB_STREAM, NewEvent, StoredEvent, encode_data, format_time, utc_now
+from fsm_hub.core.events import (
+    HUB_STREAM,
+    NewEvent,
+    StoredEvent,
+    encode_data,
+    format_time,
+    storable,
+    utc_now,
+)
 from fsm_hub.core.view import resolve
 from fsm_hub.errors import ConcurrencyError, StoreError
 from fsm_hub.store.schema import check_header, create_file, prepare
@@ -242,7 +250,14 @@ class EventStore:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[StoredEvent] = loop.create_future()
         self._queue.append(
-            _Pending(stream, type, format_time(self._clock()), encode_data(data), expected_version, future)
+            _Pending(
+                storable(stream),
+                storable(type),
+                format_time(self._clock()),
+                storable(encode_data(data)),
+                expected_version,
+                future,
+            )
         )
         self._wakeup.set()
         return future
@@ -289,11 +304,9 @@ class EventStore:
         try:
             await self._db.executemany(_INSERT, batch.rows)
             await self._db.commit()
-        except sqlite3.IntegrityError:
-            await self._recover(batch)
-            return
-        except sqlite3.Error as exc:
-            await self._recover(batch, StoreError(f"cannot write event log {self.path}: {exc}"))
+        except Exception as exc:
+            await self._forget_positions()
+            await self._isolate(batch, exc)
             return
         stored = [StoredEvent(*row) for row in batch.rows]
         for subscriber in self._subscribers:
@@ -304,6 +317,26 @@ class EventStore:
         for pending, event in zip(batch.pending, stored, strict=True):
             if not pending.future.done():
                 pending.future.set_result(event)
+
+    async def _isolate(self, batch: _Batch, error: Exception) -> None:
+        """After a failed transaction: write its events one by one, so a bad one fails alone.
+
+        A blind append that lost a race for its stream version is numbered again once.
+        """
+        if len(batch.pending) > 1:
+            for pending in batch.pending:
+                await self._write([pending])
+            return
+        [pending] = batch.pending
+        if _is_version_conflict(error):
+            if pending.expected_version is None and not pending.retried:
+                pending.retried = True
+                await self._write([pending])
+            else:
+                stream = pending.stream
+                _fail(pending, ConcurrencyError(f"stream {stream!r} was appended to meanwhile"))
+            return
+        _fail(pending, StoreError(f"cannot write event log {self.path}: {error}"))
 
     async def _number(self, queued: list[_Pending]) -> _Batch:
         """Give each queued event its seq and stream version; refuse stale expectations."""
@@ -337,26 +370,13 @@ class EventStore:
         for stream in ordered:
             self._versions[stream] = found.get(stream, 0)
 
-    async def _recover(self, batch: _Batch, failure: StoreError | None = None) -> None:
-        """After a failed transaction: forget cached positions, retry blind appends once."""
+    async def _forget_positions(self) -> None:
+        """Roll back and re-read where the log ends: the cached positions may be wrong now."""
         with contextlib.suppress(sqlite3.Error):
             await self._db.rollback()
         self._versions.clear()
         rows = await self._db.execute_fetchall("SELECT coalesce(max(seq), 0) FROM events")
         self._seq = int(next(iter(rows))[0])
-        retry: list[_Pending] = []
-        for pending in batch.pending:
-            if failure is None and pending.expected_version is None and not pending.retried:
-                pending.retried = True
-                retry.append(pending)
-            elif failure is None:
-                stream = pending.stream
-                _fail(pending, ConcurrencyError(f"stream {stream!r} was appended to meanwhile"))
-            else:
-                _fail(pending, failure)
-        if retry:
-            self._queue[:0] = retry
-            self._wakeup.set()
 
     # -- reads for the live hub ---------------------------------------------------------------
 
@@ -369,6 +389,11 @@ class EventStore:
         sql, params = select_events(stream=stream, until=until, last=last)
         rows = await self._reader.execute_fetchall(sql, params)
         return [StoredEvent(*row) for row in rows]
+
+
+def _is_version_conflict(error: Exception) -> bool:
+    """Another writer took the seq or the stream version first (not a trigger, not a CHECK)."""
+    return isinstance(error, sqlite3.IntegrityError) and "UNIQUE constraint failed: events." in str(error)
 
 
 def _fail(pending: _Pending, error: Exception) -> None:

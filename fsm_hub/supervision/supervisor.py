@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from fsm_hub.core.machine import InstanceMachine
-from fsm_hub.errors import InstanceUnavailable, TransportError
+from fsm_hub.errors import InstanceUnavailable, LogUnwritable, StoreError, TransportError
 from fsm_hub.mcp.upstream import as_call_tool_result
 from fsm_hub.store.recorder import fire
 
@@ -44,6 +44,10 @@ class Timing:
     """Connect attempts after which a failing instance is `dead`."""
     call_timeout: float = 300.0
     """Budget for one routed request (tool calls can be long)."""
+    record_attempts: int = 5
+    """Appends of one transition tried (with backoff) before the log counts as unwritable."""
+    record_backoff: float = 0.05
+    """First pause between those appends; doubles each time."""
 
 
 DEFAULT_TIMING = Timing()
@@ -228,8 +232,8 @@ class Supervisor:
         try:
             while True:
                 await self._step()
-        except asyncio.CancelledError:
-            raise
+        except (asyncio.CancelledError, LogUnwritable):
+            raise  # the hub reports an unwritable log once, as one line
         except Exception:
             log.exception("supervisor of %s failed", self.instance_id)
             raise
@@ -269,9 +273,14 @@ class Supervisor:
             finally:
                 await _close_quietly(client)
             return
-        self._client, self.tools, self.last_error = client, tools, None
         version = client.protocol_version or "?"
-        await self._fire("connected", reason=f"handshake ok (MCP {version}, {len(tools)} tools)")
+        try:
+            await self._fire("connected", reason=f"handshake ok (MCP {version}, {len(tools)} tools)")
+        except BaseException:
+            await _close_quietly(client)  # not committed: nothing may route through it
+            raise
+        # Installed only now that `connected` is committed and the machine is active.
+        self._client, self.tools, self.last_error = client, tools, None
         self._listen(client)
 
     async def _handshake(self, client: InstanceClient) -> list[dict[str, Any]]:
@@ -320,7 +329,22 @@ class Supervisor:
             await self._refresh_tools()
 
     async def _fire(self, event: str, *, reason: str, error: str | None = None) -> None:
-        await fire(self.machine, event, reason=reason, error=error)
+        """Commit and take the transition; a failed append is retried with backoff.
+
+        Until the append succeeds the machine stays in its source state. If the log keeps
+        refusing, LogUnwritable ends this loop and the hub stops serving state it cannot record.
+        """
+        delay = self.timing.record_backoff
+        for attempt in range(1, self.timing.record_attempts + 1):
+            try:
+                await fire(self.machine, event, reason=reason, error=error)
+                break
+            except StoreError as exc:
+                if attempt == self.timing.record_attempts:
+                    raise LogUnwritable(str(exc)) from None
+                log.info("recording %s of %s failed (%s); retrying", event, self.instance_id, exc)
+                await self._sleep(delay)
+                delay *= 2
         self._on_change(self)
 
     async def _refresh_tools(self) -> None:

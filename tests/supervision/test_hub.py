@@ -393,3 +393,33 @@ async def test_stop_leaves_no_task_socket_or_session(
         running.stopped = True
     finally:
         await hang.stop()
+
+
+async def test_a_failed_supervisor_is_recorded_and_restarted_from_the_fold(
+    lab: Lab, start_hub: Callable[..., Awaitable[Running]], fake_mcp: FakeFactory
+) -> None:
+    fake, other = await fake_mcp(), await fake_mcp()
+    lab.announce("crashy", port_of(fake.url))
+    lab.announce("calm", port_of(other.url))
+    running = await start_hub()
+    await running.settle(crashy="active", calm="active")
+    before = running.hub._supervisors["crashy"]
+    await eventually(lambda: bool(running.clock.sleeping("supervise-crashy")), what="crashy waits to ping")
+
+    running.clock.fail("supervise-crashy", RuntimeError("timer broke"))  # its loop dies
+
+    def failures() -> list[dict[str, Any]]:
+        return [e.data for e in running.committed.events if e.type == "supervisor_failed"]
+
+    await eventually(lambda: bool(failures()), what="the failure on the hub stream")
+    assert failures() == [{"instance": "crashy", "error": "RuntimeError: timer broke", "restart": 1}]
+    [failed] = [e for e in running.committed.events if e.type == "supervisor_failed"]
+    assert failed.stream == HUB_STREAM
+    await eventually(lambda: running.hub._supervisors["crashy"] is not before, what="a new supervisor")
+    await running.settle(crashy="active")
+    assert running.hub._supervisors["crashy"].running
+    assert (await transitions(running.store, "crashy"))[2:] == RESTARTED
+    records = await transition_data(running.store, "crashy")
+    assert records[2]["reason"] == "supervisor restarted"
+    assert await transitions(running.store, "calm") == CONNECT  # the others never noticed
+    assert running.hub.state("crashy") == "active"
