@@ -275,13 +275,16 @@ class Supervisor:
             return
         version = client.protocol_version or "?"
         try:
-            await self._fire("connected", reason=f"handshake ok (MCP {version}, {len(tools)} tools)")
+            await self._fire(
+                "connected", reason=f"handshake ok (MCP {version}, {len(tools)} tools)", notify=False
+            )
         except BaseException:
             await _close_quietly(client)  # not committed: nothing may route through it
             raise
         # Installed only now that `connected` is committed and the machine is active.
         self._client, self.tools, self.last_error = client, tools, None
         self._listen(client)
+        self._on_change(self)
 
     async def _handshake(self, client: InstanceClient) -> list[dict[str, Any]]:
         await client.initialize()
@@ -328,7 +331,9 @@ class Supervisor:
         elif isinstance(command, RefreshTools) and self.state == "active":
             await self._refresh_tools()
 
-    async def _fire(self, event: str, *, reason: str, error: str | None = None) -> None:
+    async def _fire(
+        self, event: str, *, reason: str, error: str | None = None, notify: bool = True
+    ) -> None:
         """Commit and take the transition; a failed append is retried with backoff.
 
         Until the append succeeds the machine stays in its source state. If the log keeps
@@ -345,7 +350,8 @@ class Supervisor:
                 log.info("recording %s of %s failed (%s); retrying", event, self.instance_id, exc)
                 await self._sleep(delay)
                 delay *= 2
-        self._on_change(self)
+        if notify:
+            self._on_change(self)
 
     async def _refresh_tools(self) -> None:
         client = self._client
