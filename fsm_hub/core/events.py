@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -62,6 +62,8 @@ class StoredEvent:
     at: str
     """Commit-request time, UTC ISO 8601 with microseconds (sorts lexically)."""
     data_json: str
+    hash: bytes | None = field(default=None, compare=False)
+    """Link of the hash chain (fsm_hub.core.chain), when it was read or written with the event."""
 
     @property
     def data(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiosqlite
 
+from fsm_hub.core.chain import GENESIS, link
 from fsm_hub.core.events import (
     HUB_STREAM,
     NewEvent,
@@ -25,11 +26,16 @@ from fsm_hub.core.events import (
     storable,
     utc_now,
 )
-from fsm_hub.core.view import resolve
+from fsm_hub.core.view import SNAPSHOT_FORMAT, Fold, resolve
 from fsm_hub.errors import ConcurrencyError, StoreError
 from fsm_hub.store.schema import check_header, create_file, prepare
 
-_INSERT = "INSERT INTO events (seq, stream, version, type, at, data) VALUES (?, ?, ?, ?, ?, ?)"
+_INSERT = "INSERT INTO events (seq, stream, version, type, at, data, hash) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_SAVE_SNAPSHOT = (
+    "INSERT OR REPLACE INTO snapshots (seq, format, head_hash, max_at, taken_at, state)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+_HEAD = "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
 _COLUMNS = "seq, stream, version, type, at, data"
 
 log = logging.getLogger(__name__)
@@ -177,7 +183,7 @@ class _Pending:
 
 @dataclass(slots=True)
 class _Batch:
-    rows: list[tuple[int, str, int, str, str, str]] = field(default_factory=list)
+    rows: list[tuple[int, str, int, str, str, str, bytes]] = field(default_factory=list)
     pending: list[_Pending] = field(default_factory=list)
 
 
@@ -200,6 +206,8 @@ class EventStore:
         self._closing = False
         self._versions: dict[str, int] = {}
         self._seq = 0
+        self._head = GENESIS
+        self._snapshot: tuple[int, int, bytes, str, str, str] | None = None
         self._subscribers: list[Subscriber] = []
         self._reader: aiosqlite.Connection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -215,12 +223,11 @@ class EventStore:
             await connection.execute("PRAGMA journal_mode=WAL")
             await connection.execute("PRAGMA synchronous=FULL")  # durable commits
             await connection.execute("PRAGMA busy_timeout=5000")
-            async with connection.execute("SELECT coalesce(max(seq), 0) FROM events") as cur:
-                row = await cur.fetchone()
+            rows = list(await connection.execute_fetchall(_HEAD))
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open event log {path}: {exc}") from None
         store = cls(path, connection, clock)
-        store._seq = int(row[0]) if row else 0
+        store._set_head(rows)
         store._task = asyncio.create_task(store._run(), name="fsm-hub-writer")
         return store
 
@@ -231,6 +238,25 @@ class EventStore:
     @property
     def last_seq(self) -> int:
         return self._seq
+
+    def _set_head(self, rows: Sequence[Any]) -> None:
+        if rows:
+            self._seq, self._head = int(rows[0][0]), rows[0][1] or GENESIS
+        else:
+            self._seq, self._head = 0, GENESIS
+
+    def save_snapshot(self, fold: Fold) -> None:
+        """Have the writer store `fold`'s state, which must be the log up to its head, in turn.
+
+        Only the latest request is kept; a snapshot is derived data, so a failure is logged only.
+        """
+        head = fold.head_hash
+        if head is None or fold.last_seq == 0:
+            return
+        state = json.dumps(fold.to_snapshot(), ensure_ascii=False, separators=(",", ":"))
+        taken = format_time(self._clock())
+        self._snapshot = (fold.last_seq, SNAPSHOT_FORMAT, head, fold.max_at, taken, storable(state))
+        self._wakeup.set()
 
     def append(
         self,
@@ -282,6 +308,10 @@ class EventStore:
 
     async def _run(self) -> None:
         while True:
+            if not self._queue and self._snapshot is not None:
+                snapshot, self._snapshot = self._snapshot, None
+                await self._write_snapshot(snapshot)
+                continue
             if not self._queue:
                 if self._closing:
                     return
@@ -317,6 +347,15 @@ class EventStore:
         for pending, event in zip(batch.pending, stored, strict=True):
             if not pending.future.done():
                 pending.future.set_result(event)
+
+    async def _write_snapshot(self, snapshot: tuple[int, int, bytes, str, str, str]) -> None:
+        try:
+            await self._db.execute(_SAVE_SNAPSHOT, snapshot)
+            await self._db.commit()
+        except Exception as exc:
+            with contextlib.suppress(sqlite3.Error):
+                await self._db.rollback()
+            log.warning("fsm-hub: could not save a snapshot of %s at seq %d: %s", self.path, snapshot[0], exc)
 
     async def _isolate(self, batch: _Batch, error: Exception) -> None:
         """After a failed transaction: write its events one by one, so a bad one fails alone.
@@ -356,8 +395,10 @@ class EventStore:
                 continue
             self._seq += 1
             self._versions[stream] = current + 1
+            seq, version = self._seq, current + 1
+            self._head = link(self._head, seq, stream, version, pending.type, pending.at, pending.data_json)
             batch.rows.append(
-                (self._seq, stream, current + 1, pending.type, pending.at, pending.data_json)
+                (seq, stream, version, pending.type, pending.at, pending.data_json, self._head)
             )
             batch.pending.append(pending)
         return batch
@@ -375,8 +416,7 @@ class EventStore:
         with contextlib.suppress(sqlite3.Error):
             await self._db.rollback()
         self._versions.clear()
-        rows = await self._db.execute_fetchall("SELECT coalesce(max(seq), 0) FROM events")
-        self._seq = int(next(iter(rows))[0])
+        self._set_head(list(await self._db.execute_fetchall(_HEAD)))
 
     # -- reads for the live hub ---------------------------------------------------------------
 

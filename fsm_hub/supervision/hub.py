@@ -221,11 +221,12 @@ class Hub:
                     await self._gone(instance.id, self._why_missing(instance))
 
     async def _announced(self, announcement: Announcement, *, start: bool) -> None:
-        known = self.view.instances.get(announcement.id)
+        known = self._fold.instance(announcement.id)
         data = announced(announcement)
         if known is None:
             await self.store.append(announcement.id, EventType.INSTANCE_DISCOVERED, data)
-            instance = self.view.instances[announcement.id]
+            instance = self._fold.instance(announcement.id)
+            assert instance is not None  # committed, hence folded, before the append returned
             supervisor = await self._supervise(instance)
             if start:
                 self._start(supervisor)
@@ -328,7 +329,7 @@ class Hub:
         await failed.stop()
         if count > 1:
             await self._sleep(backoff_delay(count - 1, self.timing, self._rng))
-        instance = self.view.instances.get(instance_id)
+        instance = self._fold.instance(instance_id)
         if instance is None or self._stopping:
             return
         supervisor = await self._supervise(instance)
@@ -382,7 +383,7 @@ class Hub:
         return resolve(ref, view.instances.keys(), {i.id: i.name for i in view.instances.values()})
 
     def instance(self, instance_id: str) -> InstanceView | None:
-        return self.view.instances.get(instance_id)
+        return self._fold.instance(instance_id)
 
     def state(self, instance_id: str) -> str:
         supervisor = self._supervisors.get(instance_id)

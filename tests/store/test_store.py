@@ -278,7 +278,7 @@ class TestSqliteEventStore(EventStoreContract):
             assert raw.execute("PRAGMA user_version").fetchone()[0] == latest_version()
             names = [row[0] for row in raw.execute("SELECT name FROM schema_migrations ORDER BY version")]
             assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert names == ["0001_events.sql"]
+        assert names == ["0001_events.sql", "0002_hash_chain.sql", "0003_snapshots.sql"]
 
     async def test_an_empty_file_becomes_a_log(self, tmp_path: Path) -> None:
         path = tmp_path / "empty.db"
