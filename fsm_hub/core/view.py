@@ -155,6 +155,21 @@ class Fold:
             self.head_hash = event.hash
         return self
 
+    def apply_decoded(self, event: StoredEvent, data: dict[str, Any] | None) -> None:
+        """Fold one event whose payload the caller already decoded (None: decode it here)."""
+        if event.type != _TRANSITION or data is None:
+            self.apply((event,))
+            return
+        instance = self._instances.get(event.stream)
+        if instance is None:
+            instance = self._instances[event.stream] = _Instance(event.stream, event.at)
+        _take(instance, event, data)
+        self._dirty.add(event.stream)
+        self._events += 1
+        if event.at > self._max_at:
+            self._max_at = event.at
+        self._last_seq, self.head_hash = event.seq, event.hash
+
     def _apply_rare(self, event: StoredEvent) -> None:
         kind = event.type
         if kind == _DISCOVERED or kind == _UPDATED:
@@ -264,7 +279,10 @@ def _decode(event: StoredEvent) -> dict[str, Any]:
 
 
 def _transition(instance: _Instance, event: StoredEvent) -> None:
-    data = _decode(event)
+    _take(instance, event, _decode(event))
+
+
+def _take(instance: _Instance, event: StoredEvent, data: dict[str, Any]) -> None:
     target = data.get("to")
     if not isinstance(target, str):
         return  # malformed: `replay --verify` reports it; the view keeps the last good state

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiosqlite
 
+from fsm_hub.core.audit import Audit, audit
 from fsm_hub.core.chain import GENESIS, link
 from fsm_hub.core.events import (
     HUB_STREAM,
@@ -26,9 +27,10 @@ from fsm_hub.core.events import (
     storable,
     utc_now,
 )
-from fsm_hub.core.view import SNAPSHOT_FORMAT, Fold, resolve
+from fsm_hub.core.view import SNAPSHOT_FORMAT, Fold, View, resolve
 from fsm_hub.errors import ConcurrencyError, StoreError
 from fsm_hub.store.schema import check_header, create_file, prepare
+from fsm_hub.store.snapshots import hashed_events, load_fold, snapshot_state, stored_snapshots
 
 _INSERT = "INSERT INTO events (seq, stream, version, type, at, data, hash) VALUES (?, ?, ?, ?, ?, ?, ?)"
 _SAVE_SNAPSHOT = (
@@ -135,6 +137,31 @@ class EventLog:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read event log {self.path}: {exc}") from None
         return (StoredEvent(*row) for row in cursor)
+
+    def fold(self, *, until: datetime | None = None) -> View:
+        """The view (as it was at `until`), from the newest usable snapshot plus the events after it."""
+        if self._connection is None:
+            return Fold().view()
+        try:
+            return load_fold(self._connection, until=format_time(until) if until else None).fold.view()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read event log {self.path}: {exc}") from None
+
+    def verify(self) -> Audit:
+        """`replay --verify`: one streaming pass over the log, chain and snapshots included."""
+        if self._connection is None:
+            return audit(())
+        db = self._connection
+        try:
+            seqs = stored_snapshots(db)
+            return audit(
+                hashed_events(db),
+                chain=True,
+                snapshots=seqs,
+                load_snapshot=lambda seq: snapshot_state(db, seq),
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read event log {self.path}: {exc}") from None
 
     def count(self) -> int:
         if self._connection is None:
