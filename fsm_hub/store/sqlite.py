@@ -30,7 +30,13 @@ from fsm_hub.core.events import (
 from fsm_hub.core.view import SNAPSHOT_FORMAT, Fold, View, resolve
 from fsm_hub.errors import ConcurrencyError, StoreError
 from fsm_hub.store.schema import check_header, create_file, prepare
-from fsm_hub.store.snapshots import hashed_events, load_fold, snapshot_state, stored_snapshots
+from fsm_hub.store.snapshots import (
+    Folded,
+    hashed_events,
+    load_fold,
+    snapshot_state,
+    stored_snapshots,
+)
 
 _INSERT = "INSERT INTO events (seq, stream, version, type, at, data, hash) VALUES (?, ?, ?, ?, ?, ?, ?)"
 _SAVE_SNAPSHOT = (
@@ -38,6 +44,11 @@ _SAVE_SNAPSHOT = (
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
 _HEAD = "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
+_PRUNE_SNAPSHOTS = (
+    "DELETE FROM snapshots WHERE seq < (SELECT seq FROM snapshots ORDER BY seq DESC LIMIT 1 OFFSET ?)"
+)
+KEEP_SNAPSHOTS = 3
+"""Snapshots kept: the newest few (`instances --at` an older moment folds from the start)."""
 _COLUMNS = "seq, stream, version, type, at, data"
 
 log = logging.getLogger(__name__)
@@ -378,6 +389,7 @@ class EventStore:
     async def _write_snapshot(self, snapshot: tuple[int, int, bytes, str, str, str]) -> None:
         try:
             await self._db.execute(_SAVE_SNAPSHOT, snapshot)
+            await self._db.execute(_PRUNE_SNAPSHOTS, (KEEP_SNAPSHOTS - 1,))
             await self._db.commit()
         except Exception as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -446,6 +458,21 @@ class EventStore:
         self._set_head(list(await self._db.execute_fetchall(_HEAD)))
 
     # -- reads for the live hub ---------------------------------------------------------------
+
+    async def load_fold(self) -> Folded:
+        """The fold of the whole log, from its newest usable snapshot plus the events after it."""
+
+        def load() -> Folded:
+            connection = sqlite3.connect(self.path)
+            try:
+                return load_fold(connection)
+            finally:
+                connection.close()
+
+        try:
+            return await asyncio.to_thread(load)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read event log {self.path}: {exc}") from None
 
     async def read(
         self, *, stream: str | None = None, until: str | None = None, last: int | None = None

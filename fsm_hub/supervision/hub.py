@@ -32,6 +32,7 @@ from fsm_hub.discovery.directory import (
 )
 from fsm_hub.errors import InstanceUnavailable, LogUnwritable, StoreError
 from fsm_hub.store.recorder import recorded_machine
+from fsm_hub.store.snapshots import SNAPSHOT_EVERY
 from fsm_hub.store.sqlite import EventStore
 from fsm_hub.supervision.supervisor import (
     DEFAULT_TIMING,
@@ -90,8 +91,10 @@ class Hub:
         sleep: Sleep = timer,
         connector: Connector | None = None,
         rng: random.Random | None = None,
+        snapshot_every: int = SNAPSHOT_EVERY,
     ) -> None:
         self.store = store
+        self.snapshot_every = snapshot_every
         self.discovery = discovery
         self.timing = timing
         self._sleep = sleep
@@ -99,6 +102,9 @@ class Hub:
         self._rng = rng or random.Random()
         self._http: aiohttp.ClientSession | None = None
         self._fold = Fold()
+        self._snapshot_seq = 0
+        self.started_from = (0, 0)
+        """(seq of the snapshot start-up folded from, events folded after it)."""
         self._view: View | None = None
         self._supervisors: dict[str, Supervisor] = {}
         self._listeners: list[InstanceListener] = []
@@ -125,7 +131,11 @@ class Hub:
                 timeout=aiohttp.ClientTimeout(total=None),
             )
             self._connector = self._default_connector
-        self._fold.apply(await self.store.read())
+        folded = await self.store.load_fold()
+        self._fold = folded.fold
+        self.started_from = (folded.snapshot_seq, folded.tail)
+        # A snapshot that had to be ignored is rebuilt at the first commit.
+        self._snapshot_seq = -self.snapshot_every if folded.ignored else folded.snapshot_seq
         self.store.subscribe(self._committed)
         await self.store.append(
             HUB_STREAM,
@@ -177,7 +187,8 @@ class Hub:
         except StoreError:
             if self.failure is None:
                 raise
-            # The log is what failed: stopping must not fail on it again.
+            return  # the log is what failed: stopping must not fail on it again
+        self.store.save_snapshot(self._fold)  # written before the store closes
 
     def _freeze_long_lived(self) -> None:
         """Keep the cyclic collector off the supervisors' state machines.
@@ -355,8 +366,12 @@ class Hub:
     # -- the view ---------------------------------------------------------------------------
 
     def _committed(self, events: Sequence[StoredEvent]) -> None:
-        self._fold.apply(events)
+        fold = self._fold
+        fold.apply(events)
         self._view = None
+        if fold.last_seq - self._snapshot_seq >= self.snapshot_every:
+            self.store.save_snapshot(fold)
+            self._snapshot_seq = fold.last_seq
 
     @property
     def view(self) -> View:

@@ -34,7 +34,8 @@ def forge(sample: Sample, tmp_path: Path, *rows: tuple[str, int, str, dict[str, 
             at, text = "2026-03-14T04:00:00.000000+00:00", json.dumps(data)
             previous = link(previous, seq, stream, version, type, at, text)
             db.execute(
-                "INSERT INTO events (seq, stream, version, type, at, data, hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO events (seq, stream, version, type, at, data, hash)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (seq, stream, version, type, at, text, previous),
             )
     db.close()
@@ -154,10 +155,12 @@ def test_verify_prints_the_head_and_json_says_the_same(sample_log: Sample) -> No
     code, report = verify_json(sample_log.path)
     assert code == 0
     with sqlite3.connect(sample_log.path) as db:
-        head_seq, head_hash = db.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        head = "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
+        head_seq, head_hash = db.execute(head).fetchone()
     assert report == {"ok": True, "events": 16, "head_seq": head_seq, "head_hash": head_hash.hex(),
                       "problems": []}
-    _, errors, out = verify(sample_log.path)
+    code, errors, out = verify(sample_log.path)
+    assert (code, errors) == (0, [])
     assert out.splitlines()[-1] == f"head: seq {head_seq} hash {head_hash.hex()}"
 
 
@@ -204,5 +207,6 @@ def test_the_migration_chains_a_log_written_before_the_chain(tmp_path: Path) -> 
     assert (code, report["ok"], report["events"], report["head_seq"]) == (0, True, 3, 3)
     expected = bytes(32)
     for seq in range(1, 4):
-        expected = link(expected, seq, "hub", seq, "hub_started", f"2026-03-14T0{seq}:00:00.000000+00:00", "{}")
+        at = f"2026-03-14T0{seq}:00:00.000000+00:00"
+        expected = link(expected, seq, "hub", seq, "hub_started", at, "{}")
     assert report["head_hash"] == expected.hex()

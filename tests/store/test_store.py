@@ -204,9 +204,11 @@ class EventStoreContract:
         batches: list[int] = []
         store.subscribe(lambda batch: batches.append(len(batch)))
         reason = "bad \udc80 bytes from an instance"
+        ok = transition_data("connect", "discovered", "connecting", reason="ok")
+        odd = transition_data("connect", "discovered", "connecting", reason=reason)
         appended = [
-            store.append("s1", "transition", transition_data("connect", "discovered", "connecting", reason="ok")),
-            store.append("s2", "transition", transition_data("connect", "discovered", "connecting", reason=reason)),
+            store.append("s1", "transition", ok),
+            store.append("s2", "transition", odd),
             store.append("s\ud800", "instance_updated", {"name": "n\udfff"}),
             store.append("s3", "instance_updated", {"name": "fine"}),
         ]

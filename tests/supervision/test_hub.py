@@ -423,3 +423,32 @@ async def test_a_failed_supervisor_is_recorded_and_restarted_from_the_fold(
     assert records[2]["reason"] == "supervisor restarted"
     assert await transitions(running.store, "calm") == CONNECT  # the others never noticed
     assert running.hub.state("crashy") == "active"
+
+
+async def test_snapshots_every_k_events_and_on_a_clean_stop_feed_the_next_start(
+    lab: Lab, start_hub: Callable[..., Awaitable[Running]], fake_mcp: FakeFactory
+) -> None:
+    import sqlite3
+
+    from fsm_hub.store.snapshots import stored_snapshots
+
+    fakes = [await fake_mcp() for _ in range(3)]
+    running = await start_hub()
+    running.hub.snapshot_every = 4
+    for n, fake in enumerate(fakes):
+        lab.announce(f"s{n}", port_of(fake.url))
+    running.poll.tick()
+    await running.settle(s0="active", s1="active", s2="active")
+    await running.stop()  # hub_stopped, then a snapshot of everything
+    with sqlite3.connect(lab.db) as db:
+        seqs = stored_snapshots(db)
+        head = db.execute("SELECT max(seq) FROM events").fetchone()[0]
+    db.close()
+    assert seqs[-1] == head and len(seqs) >= 2  # periodic ones, and the one at the stop
+
+    again = await start_hub()
+    assert again.hub.started_from == (head, 0)  # the stop's snapshot, and no tail to fold
+    await again.settle(s0="active", s1="active", s2="active")
+    assert {i.id: i.state for i in again.hub.view.instances.values()} == {
+        "s0": "active", "s1": "active", "s2": "active"
+    }
