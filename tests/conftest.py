@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import freezegun
 import pytest
 
 from tests.servers.faults import FakeMcp, Hang, Reset
@@ -90,6 +91,18 @@ from tests.logs import LogBuilder, Sample, build_sample  # noqa: E402
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: runs a real subprocess or a build; slower")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses a subprocess server fixture is an e2e test wherever it lives."""
+    for item in items:
+        if "sdk_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+
+
+# Freezegun freezes time.monotonic too: the tests' own bounded waits must keep real time, or a
+# frozen deadline never passes and a failing wait hangs instead of failing.
+freezegun.configure(extend_ignore_list=["tests.supervision", "tests.live_hub"])
 
 
 @pytest.fixture

@@ -341,6 +341,7 @@ class TestSqliteEventStore(EventStoreContract):
         with pytest.raises(SchemaTooNew):
             EventLog.open(db_path)
 
+    @pytest.mark.e2e  # spawns a subprocess
     async def test_a_crash_mid_batch_loses_only_unacknowledged_events(self, db_path: Path) -> None:
         db_path.parent.mkdir(parents=True)
         writer = await asyncio.create_subprocess_exec(

@@ -172,6 +172,7 @@ def cli(*args: str | Path) -> str:
     return result.stdout
 
 
+@pytest.mark.e2e  # spawns a subprocess
 async def test_instances_come_up_and_a_killed_one_dies_then_returns_on_a_new_port(
     lab: Lab, start_hub: Callable[..., Awaitable[Running]]
 ) -> None:
@@ -223,6 +224,7 @@ async def test_instances_come_up_and_a_killed_one_dies_then_returns_on_a_new_por
     }
 
 
+@pytest.mark.e2e  # spawns a subprocess
 async def test_an_instance_that_stops_answering_is_retried_until_dead(
     lab: Lab, start_hub: Callable[..., Awaitable[Running]]
 ) -> None:
@@ -270,6 +272,7 @@ async def test_an_instance_that_stops_answering_is_retried_until_dead(
     assert (await transitions(running.store, "hung"))[-3:] == [("rediscover", "dead", "discovered"), *CONNECT]
 
 
+@pytest.mark.e2e  # spawns a subprocess
 async def test_stop_records_only_hub_stopped_and_a_restart_reconciles(
     lab: Lab, start_hub: Callable[..., Awaitable[Running]], sdk_server: SdkServerFactory
 ) -> None:

@@ -437,6 +437,7 @@ async def test_remove_makes_it_dead_and_rediscover_brings_it_back(
     ]
 
 
+@pytest.mark.e2e  # spawns a subprocess
 async def test_rediscover_follows_a_restart_on_a_new_port(
     supervise: Supervise, clock: ManualClock, store: EventStore, tmp_path: Path
 ) -> None:
