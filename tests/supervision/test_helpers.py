@@ -17,6 +17,6 @@ async def test_eventually_times_out_under_frozen_time() -> None:
     started = time.perf_counter()
     with freeze_time(FROZEN, real_asyncio=True):
         assert time.monotonic() == time.monotonic()  # frozen for the code under test...
-        with pytest.raises(AssertionError, match="timed out after 0.05s"):
+        with pytest.raises(AssertionError, match=r"timed out after 0\.05s"):
             await eventually(lambda: False, timeout=0.05)  # ...but not for the helper's deadline
     assert time.perf_counter() - started < 2
