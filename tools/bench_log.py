@@ -82,18 +82,31 @@ async def build(path: Path, events: int, instances: int) -> None:
     async def produce(n: int) -> None:
         stream = f"{n:016x}"
         port = 8000 + n % 1000
-        await store.append(stream, "instance_discovered", {
-            "name": f"app-{n}", "directory": f"/src/app-{n}", "port": port, "pid": 1000 + n,
-            "url": f"http://127.0.0.1:{port}/mcp",
-        })
+        await store.append(
+            stream,
+            "instance_discovered",
+            {
+                "name": f"app-{n}",
+                "directory": f"/src/app-{n}",
+                "port": port,
+                "pid": 1000 + n,
+                "url": f"http://127.0.0.1:{port}/mcp",
+            },
+        )
         source = "discovered"
         for i in range(per - 2):
             event, source, target, error = _LOOP[i % len(_LOOP)]
-            await store.append(stream, "transition",
-                               transition_data(event, source, target, reason="bench", attempt=1, error=error))
+            await store.append(
+                stream,
+                "transition",
+                transition_data(event, source, target, reason="bench", attempt=1, error=error),
+            )
             source = target
-        await store.append(stream, "transition",
-                           transition_data("remove", source, "dead", reason="bench: gone", error="gone"))
+        await store.append(
+            stream,
+            "transition",
+            transition_data("remove", source, "dead", reason="bench: gone", error="gone"),
+        )
 
     await asyncio.gather(*(produce(n) for n in range(instances)))
     store.save_snapshot(fold)  # the clean stop's snapshot
@@ -131,12 +144,23 @@ def serve_startup(db: Path, instances_dir: Path) -> tuple[float, float, float]:
     )  # fmt: skip
     assert process.stdin is not None and process.stdout is not None
     messages = [
-        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {},
-            "clientInfo": {"name": "bench", "version": "0"}}},
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "bench", "version": "0"},
+            },
+        },
         {"jsonrpc": "2.0", "method": "notifications/initialized"},
-        {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
-         "params": {"name": "instances_list", "arguments": {}}},
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "instances_list", "arguments": {}},
+        },
     ]
     process.stdin.write(json.dumps(messages[0]).encode() + b"\n")
     process.stdin.flush()
@@ -197,7 +221,7 @@ async def discovery(count: int, workdir: Path) -> float:
                 try:
                     with EventLog.open(db) as log:
                         states = [i.state for i in log.fold().instances.values()]
-                except Exception:  # noqa: BLE001 - mid-migration; look again
+                except Exception:
                     continue
                 if len(states) == count and all(s == "active" for s in states):
                     return time.perf_counter() - started
@@ -221,8 +245,11 @@ async def store_writer(path: Path, producers: int, per: int) -> float:
 
     async def produce(p: int) -> None:
         for i in range(per):
-            await store.append(f"w{p:04d}", "transition",
-                               transition_data("connect", "retrying", "connecting", reason="bench", attempt=i))
+            await store.append(
+                f"w{p:04d}",
+                "transition",
+                transition_data("connect", "retrying", "connecting", reason="bench", attempt=i),
+            )
 
     started = time.perf_counter()
     await asyncio.gather(*(produce(p) for p in range(producers)))
@@ -258,9 +285,14 @@ async def bare_writer(path: Path, producers: int, per: int) -> float:
             for (stream, data), _ in batch:
                 seq += 1
                 versions[stream] = versions.get(stream, 0) + 1
-                rows.append((seq, stream, versions[stream], "transition", format_time(utc_now()), data, hash_))
-            await db.executemany("INSERT INTO events (seq, stream, version, type, at, data, hash)"
-                                 " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                rows.append(
+                    (seq, stream, versions[stream], "transition", format_time(utc_now()), data, hash_)
+                )
+            await db.executemany(
+                "INSERT INTO events (seq, stream, version, type, at, data, hash)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
             await db.commit()
             for _, future in batch:
                 future.set_result(None)
@@ -271,8 +303,10 @@ async def bare_writer(path: Path, producers: int, per: int) -> float:
         loop = asyncio.get_running_loop()
         for i in range(per):
             future: asyncio.Future[None] = loop.create_future()
-            data = json.dumps(transition_data("connect", "retrying", "connecting", reason="bench", attempt=i),
-                              separators=(",", ":"))
+            data = json.dumps(
+                transition_data("connect", "retrying", "connecting", reason="bench", attempt=i),
+                separators=(",", ":"),
+            )
             queue.append(((f"w{p:04d}", data), future))
             wake.set()
             await future
@@ -325,8 +359,11 @@ def main() -> int:
         if not big.exists():
             started = time.perf_counter()
             asyncio.run(build(big, args.events, args.instances))
-            print(f"built {args.events:,} events / {args.instances:,} instances through the store"
-                  f" in {time.perf_counter() - started:.1f} s", flush=True)
+            print(
+                f"built {args.events:,} events / {args.instances:,} instances through the store"
+                f" in {time.perf_counter() - started:.1f} s",
+                flush=True,
+            )
         empty = workdir / "empty.db"
         _connect(empty).close()
         nowhere = workdir / "no-instances"
@@ -336,49 +373,94 @@ def main() -> int:
 
         if "startup" not in skip:
             floor = median(args.runs, lambda: run_child([sys.executable, "-c", "pass"])[0])
-            measured = {name: [serve_startup(db, nowhere) for _ in range(args.runs)]
-                        for name, db in (("empty", empty), ("big", big))}
+            measured = {
+                name: [serve_startup(db, nowhere) for _ in range(args.runs)]
+                for name, db in (("empty", empty), ("big", big))
+            }
             init = {k: statistics.median(m[0] for m in v) for k, v in measured.items()}
             listed = {k: statistics.median(m[1] for m in v) for k, v in measured.items()}
             rss = {k: statistics.median(m[2] for m in v) for k, v in measured.items()}
             rows += [
                 ("python -c pass", f"{floor:.3f} s", "the floor", "", ""),
-                ("serve --mcp → initialize, empty log", f"{init['empty']:.3f} s",
-                 f"{init['empty'] - floor:+.3f} s over the floor", "", ""),
-                ("serve --mcp → instances_list, empty log", f"{listed['empty']:.3f} s", "", "≤ 0.25 s",
-                 verdict(listed["empty"] <= 0.25)),
-                (f"serve --mcp → instances_list, {events:,} events", f"{listed['big']:.3f} s",
-                 f"{listed['big'] - listed['empty']:+.3f} s vs empty", "≤ +0.5 s",
-                 verdict(listed["big"] - listed["empty"] <= 0.5)),
+                (
+                    "serve --mcp → initialize, empty log",
+                    f"{init['empty']:.3f} s",
+                    f"{init['empty'] - floor:+.3f} s over the floor",
+                    "",
+                    "",
+                ),
+                (
+                    "serve --mcp → instances_list, empty log",
+                    f"{listed['empty']:.3f} s",
+                    "",
+                    "≤ 0.25 s",
+                    verdict(listed["empty"] <= 0.25),
+                ),
+                (
+                    f"serve --mcp → instances_list, {events:,} events",
+                    f"{listed['big']:.3f} s",
+                    f"{listed['big'] - listed['empty']:+.3f} s vs empty",
+                    "≤ +0.5 s",
+                    verdict(listed["big"] - listed["empty"] <= 0.5),
+                ),
                 ("hub RSS after start-up, empty log", f"{rss['empty']:.1f} MB", "", "", ""),
-                (f"hub RSS after start-up, {events:,} events", f"{rss['big']:.1f} MB",
-                 f"{rss['big'] - rss['empty']:+.1f} MB vs empty", "≤ +50 MB",
-                 verdict(rss["big"] - rss["empty"] <= 50)),
+                (
+                    f"hub RSS after start-up, {events:,} events",
+                    f"{rss['big']:.1f} MB",
+                    f"{rss['big'] - rss['empty']:+.1f} MB vs empty",
+                    "≤ +50 MB",
+                    verdict(rss["big"] - rss["empty"] <= 50),
+                ),
             ]
         if "instances" not in skip:
-            runs = {name: [run_child([HUB, "instances", "--json", "--db", str(db)]) for _ in range(args.runs)]
-                    for name, db in (("empty", empty), ("big", big))}
+            runs = {
+                name: [run_child([HUB, "instances", "--json", "--db", str(db)]) for _ in range(args.runs)]
+                for name, db in (("empty", empty), ("big", big))
+            }
             wall = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
             peak = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
             listed_count = len(json.loads(runs["big"][0][2]))
             rows += [
-                ("fsm-hub instances, empty log", f"{wall['empty']:.3f} s", f"peak RSS {peak['empty']:.0f} MB", "", ""),
-                (f"fsm-hub instances, {events:,} events ({listed_count:,} listed)", f"{wall['big']:.3f} s",
-                 f"{wall['big'] - wall['empty']:+.3f} s vs empty; peak RSS {peak['big']:.0f} MB", "≤ +0.3 s",
-                 verdict(wall["big"] - wall["empty"] <= 0.3)),
+                (
+                    "fsm-hub instances, empty log",
+                    f"{wall['empty']:.3f} s",
+                    f"peak RSS {peak['empty']:.0f} MB",
+                    "",
+                    "",
+                ),
+                (
+                    f"fsm-hub instances, {events:,} events ({listed_count:,} listed)",
+                    f"{wall['big']:.3f} s",
+                    f"{wall['big'] - wall['empty']:+.3f} s vs empty; peak RSS {peak['big']:.0f} MB",
+                    "≤ +0.3 s",
+                    verdict(wall["big"] - wall["empty"] <= 0.3),
+                ),
             ]
         if "verify" not in skip:
             read = median(args.runs, lambda: bare_read(big))
             verify = median(args.runs, lambda: verify_in_process(big))
-            child = [run_child([HUB, "replay", "--verify", "--json", "--db", str(big)]) for _ in range(max(1, args.runs // 2))]
+            child = [
+                run_child([HUB, "replay", "--verify", "--json", "--db", str(big)])
+                for _ in range(max(1, args.runs // 2))
+            ]
             peak = statistics.median(c[1] for c in child)
             report = json.loads(child[0][2])
             rows += [
                 (f"bare sqlite3 read of {events:,} rows", f"{read:.2f} s", "", "", ""),
-                ("replay --verify (chain, legality, snapshots)", f"{verify:.2f} s",
-                 f"speed {read / verify:.2f} × the bare read", "≥ 0.5 ×", verdict(read / verify >= 0.5)),
-                ("replay --verify peak RSS (subprocess)", f"{peak:.0f} MB", f"ok={report['ok']}", "≤ 100 MB",
-                 verdict(peak <= 100)),
+                (
+                    "replay --verify (chain, legality, snapshots)",
+                    f"{verify:.2f} s",
+                    f"speed {read / verify:.2f} × the bare read",
+                    "≥ 0.5 ×",
+                    verdict(read / verify >= 0.5),
+                ),
+                (
+                    "replay --verify peak RSS (subprocess)",
+                    f"{peak:.0f} MB",
+                    f"ok={report['ok']}",
+                    "≤ 100 MB",
+                    verdict(peak <= 100),
+                ),
             ]
         if "writer" not in skip:
             per = args.writer_events // 100
@@ -388,9 +470,20 @@ def main() -> int:
                 bare.append(asyncio.run(bare_writer(workdir / f"w-bare-{run}.db", 100, per)))
             o, b = statistics.median(ours), statistics.median(bare)
             rows += [
-                ("bare aiosqlite group-commit writer, 100 producers", f"{b:,.0f} ev/s", "the reference", "", ""),
-                ("EventStore writer, 100 producers (chain incl.)", f"{o:,.0f} ev/s", f"{o / b:.2f} × the bare writer",
-                 "≥ 0.9 ×", verdict(o / b >= 0.9)),
+                (
+                    "bare aiosqlite group-commit writer, 100 producers",
+                    f"{b:,.0f} ev/s",
+                    "the reference",
+                    "",
+                    "",
+                ),
+                (
+                    "EventStore writer, 100 producers (chain incl.)",
+                    f"{o:,.0f} ev/s",
+                    f"{o / b:.2f} × the bare writer",
+                    "≥ 0.9 ×",
+                    verdict(o / b >= 0.9),
+                ),
             ]
         if "discovery" not in skip:
             sizes = [int(n) for n in args.discovery.split(",")]
@@ -404,10 +497,19 @@ def main() -> int:
                 times[n] = statistics.median(measured)
             for n in sizes:
                 per_k = times[n] / n * 1000
-                rows.append((f"discovery of {n:,} instances to all active", f"{times[n]:.2f} s",
-                             f"{per_k:.2f} s per 1,000", "linear", ""))
-    print(f"fsm-hub log benchmark: medians of {args.runs} runs; python {sys.version.split()[0]},"
-          f" sqlite {sqlite3.sqlite_version}, {os.cpu_count()} cpus (shared with other work: loaded)")
+                rows.append(
+                    (
+                        f"discovery of {n:,} instances to all active",
+                        f"{times[n]:.2f} s",
+                        f"{per_k:.2f} s per 1,000",
+                        "linear",
+                        "",
+                    )
+                )
+    print(
+        f"fsm-hub log benchmark: medians of {args.runs} runs; python {sys.version.split()[0]},"
+        f" sqlite {sqlite3.sqlite_version}, {os.cpu_count()} cpus (shared with other work: loaded)"
+    )
     print(table(rows))
     shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fsm_hub.core.chain import GENESIS, link
-from fsm_hub.core.events import EventType, StoredEvent
+from fsm_hub.core.events import EventType, StoredEvent, decode_object
 from fsm_hub.core.machine import legal_targets
 from fsm_hub.core.view import SNAPSHOT_FORMAT, Fold, View
 
@@ -120,20 +120,24 @@ def audit(
 def _transition(
     event: StoredEvent, legal: dict[tuple[str, str], frozenset[str]], states: dict[str, str], result: Audit
 ) -> dict[str, Any] | None:
-    where = f"seq {event.seq} ({event.stream} v{event.version})"
+    data = decode_object(event.data_json)
     try:
-        data = json.loads(event.data_json)
+        if data is None:
+            raise TypeError
         name, source, target = data["event"], data["from"], data["to"]
-    except (ValueError, KeyError, TypeError):
-        result.violate(f"{where}: malformed transition payload")
+        allowed = legal.get((name, source), ())
+    except (KeyError, TypeError):
+        result.violate(f"seq {event.seq} ({event.stream} v{event.version}): malformed transition payload")
         return None
-    if target not in legal.get((name, source), ()):
+    if target not in allowed:
+        where = f"seq {event.seq} ({event.stream} v{event.version})"
         result.violate(f"{where}: illegal transition {name}: {source} → {target}")
     current = states.get(event.stream, "discovered")
     if source != current:
+        where = f"seq {event.seq} ({event.stream} v{event.version})"
         result.violate(f"{where}: {name} starts from {source} but the state was {current}")
     states[event.stream] = target
-    return data if isinstance(data, dict) else None
+    return data
 
 
 def _check_snapshot(

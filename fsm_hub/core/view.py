@@ -6,13 +6,12 @@ log gives the view as it was at that moment.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from fsm_hub.core.events import EventType, StoredEvent
+from fsm_hub.core.events import EventType, StoredEvent, decode_object
 from fsm_hub.errors import AmbiguousInstance, UnknownInstance
 
 _TRANSITION = EventType.TRANSITION.value
@@ -271,11 +270,7 @@ class Fold:
 
 
 def _decode(event: StoredEvent) -> dict[str, Any]:
-    try:
-        data = json.loads(event.data_json)
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
+    return decode_object(event.data_json) or {}
 
 
 def _transition(instance: _Instance, event: StoredEvent) -> None:

@@ -12,6 +12,7 @@ import logging
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import starmap
 
 from fsm_hub.core.events import StoredEvent
 from fsm_hub.core.view import SNAPSHOT_FORMAT, Fold
@@ -104,11 +105,4 @@ def snapshot_state(connection: sqlite3.Connection, seq: int) -> tuple[int, str] 
 
 def hashed_events(connection: sqlite3.Connection) -> Iterator[StoredEvent]:
     """Every event with its hash, in seq order, streamed (never the whole log in memory)."""
-    cursor = connection.execute(f"SELECT {_COLUMNS_HASHED} FROM events ORDER BY seq")
-    cursor.arraysize = 1000
-    while True:
-        rows = cursor.fetchmany()
-        if not rows:
-            return
-        for row in rows:
-            yield StoredEvent(*row)
+    return starmap(StoredEvent, connection.execute(f"SELECT {_COLUMNS_HASHED} FROM events ORDER BY seq"))
