@@ -29,6 +29,7 @@ from fsm_hub.core.events import (
 )
 from fsm_hub.core.view import SNAPSHOT_FORMAT, Fold, View, resolve
 from fsm_hub.errors import ConcurrencyError, StoreError
+from fsm_hub.store.port import EventReader, EventWriter
 from fsm_hub.store.schema import check_header, create_file, prepare
 from fsm_hub.store.snapshots import (
     Folded,
@@ -493,3 +494,7 @@ def _is_version_conflict(error: Exception) -> bool:
 def _fail(pending: _Pending, error: Exception) -> None:
     if not pending.future.done():  # the producer may have given up waiting
         pending.future.set_exception(error)
+
+
+def _conforms(log: EventLog, store: EventStore) -> tuple[EventReader, EventWriter]:
+    return log, store  # mypy checks that both classes provide their port
