@@ -18,7 +18,7 @@ from fsm_hub.core.view import fold
 from fsm_hub.errors import InstanceUnavailable, LogUnwritable, StoreError
 from fsm_hub.mcp.upstream import McpClient
 from fsm_hub.store.recorder import fire, recorded_machine
-from fsm_hub.store.sqlite import EventStore
+from fsm_hub.store.sqlite import EventLog, EventStore
 from fsm_hub.supervision.supervisor import Supervisor, Timing
 from tests.logs import accept_transitions_to, refuse_transitions_to
 from tests.servers.faults import FakeMcp
@@ -124,3 +124,47 @@ async def test_a_log_that_stays_unwritable_ends_the_supervisor_with_log_unwritab
         await supervisor.stop()
     assert [e.type for e in await store.read(stream=HUB_STREAM)] == []
     assert EventType.TRANSITION in {e.type for e in await store.read(stream=ID)}
+
+
+@pytest.mark.e2e  # spawns `fsm-hub serve`
+async def test_serve_stops_with_one_line_when_the_log_stays_unwritable(
+    fake_mcp: FakeFactory, tmp_path: Path
+) -> None:
+    import json
+    import os
+    import sys
+
+    fake = await fake_mcp()
+    instances = tmp_path / "instances"
+    instances.mkdir(mode=0o700)
+    port = int(fake.url.rsplit(":", 1)[1].split("/")[0])
+    (instances / "doomed.json").write_text(json.dumps({
+        "id": "doomed", "name": "doomed", "directory": str(tmp_path), "port": port,
+        "process_info": {"pid": os.getpid(), "executable": sys.executable},
+    }))
+    db = tmp_path / "events.db"
+    store = await EventStore.open(db)  # create and migrate it first
+    await store.close()
+    refuse_transitions_to(db, "active")
+    hub = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("fsm-hub")), "serve", "--db", str(db), "--instances-dir", str(instances),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(hub.communicate(), 30)
+    finally:
+        if hub.returncode is None:
+            hub.kill()
+            await hub.wait()
+    assert hub.returncode == 1
+    assert out == b""
+    assert err.decode().splitlines() == [f"fsm-hub: cannot write event log {db}: disk says no"]
+    with EventLog.open(db) as log:
+        kinds = [(e.stream, e.type) for e in log.events()]
+    assert ("doomed", "transition") in kinds  # connect was recorded; connected never was
+    assert log_states(db)["doomed"] == "connecting"
+
+
+def log_states(db: Path) -> dict[str, str]:
+    with EventLog.open(db) as log:
+        return {i.id: i.state for i in log.fold().instances.values()}
