@@ -147,7 +147,8 @@ async def test_serve_stops_with_one_line_when_the_log_stays_unwritable(
     await store.close()
     refuse_transitions_to(db, "active")
     hub = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).with_name("fsm-hub")), "serve", "--db", str(db), "--instances-dir", str(instances),
+        str(Path(sys.executable).with_name("fsm-hub")),
+        "serve", "--db", str(db), "--instances-dir", str(instances),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
