@@ -214,16 +214,26 @@ async def discovery(count: int, workdir: Path) -> float:
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         try:
+            # Follow the log incrementally (a cheap poll: the hub, not the poller, is measured).
+            states: dict[str, str] = {}
+            after = 0
             while True:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.2)
                 if not db.exists():
                     continue
                 try:
-                    with EventLog.open(db) as log:
-                        states = [i.state for i in log.fold().instances.values()]
-                except Exception:
+                    with sqlite3.connect(db) as connection:
+                        rows = connection.execute(
+                            "SELECT seq, stream, json_extract(data, '$.to') FROM events"
+                            " WHERE seq > ? AND type = 'transition' ORDER BY seq",
+                            (after,),
+                        ).fetchall()
+                    connection.close()
+                except sqlite3.Error:  # not migrated yet: look again
                     continue
-                if len(states) == count and all(s == "active" for s in states):
+                for seq, stream, target in rows:
+                    states[stream], after = target, seq
+                if len(states) == count and all(s == "active" for s in states.values()):
                     return time.perf_counter() - started
                 if time.perf_counter() - started > 300:
                     raise TimeoutError(f"{count} instances not active after 300 s")
@@ -413,29 +423,29 @@ def main() -> int:
                 ),
             ]
         if "instances" not in skip:
-            runs = {
-                name: [run_child([HUB, "instances", "--json", "--db", str(db)]) for _ in range(args.runs)]
-                for name, db in (("empty", empty), ("big", big))
-            }
-            wall = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
-            peak = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
-            listed_count = len(json.loads(runs["big"][0][2]))
-            rows += [
-                (
-                    "fsm-hub instances, empty log",
-                    f"{wall['empty']:.3f} s",
-                    f"peak RSS {peak['empty']:.0f} MB",
-                    "",
-                    "",
-                ),
-                (
-                    f"fsm-hub instances, {events:,} events ({listed_count:,} listed)",
-                    f"{wall['big']:.3f} s",
-                    f"{wall['big'] - wall['empty']:+.3f} s vs empty; peak RSS {peak['big']:.0f} MB",
-                    "≤ +0.3 s",
-                    verdict(wall["big"] - wall["empty"] <= 0.3),
-                ),
-            ]
+            for label, extra in (("", []), (" --json", ["--json"])):
+                runs = {
+                    name: [run_child([HUB, "instances", *extra, "--db", str(db)]) for _ in range(args.runs)]
+                    for name, db in (("empty", empty), ("big", big))
+                }
+                wall = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
+                peak = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
+                rows += [
+                    (f"fsm-hub instances{label}, empty log", f"{wall['empty']:.3f} s",
+                     f"peak RSS {peak['empty']:.0f} MB", "", ""),
+                    (f"fsm-hub instances{label}, {events:,} events", f"{wall['big']:.3f} s",
+                     f"{wall['big'] - wall['empty']:+.3f} s vs empty; peak RSS {peak['big']:.0f} MB",
+                     "" if label else "≤ +0.3 s",
+                     "" if label else verdict(wall["big"] - wall["empty"] <= 0.3)),
+                ]  # fmt: skip
+            folds = []
+            for _ in range(args.runs):
+                started = time.perf_counter()
+                with EventLog.open(big) as log:
+                    listed = len(log.fold().instances)
+                folds.append(time.perf_counter() - started)
+            rows.append((f"  of which: snapshot + tail fold ({listed:,} instances)",
+                         f"{statistics.median(folds):.3f} s", "in-process, no output", "", ""))  # fmt: skip
         if "verify" not in skip:
             read = median(args.runs, lambda: bare_read(big))
             verify = median(args.runs, lambda: verify_in_process(big))
