@@ -160,6 +160,7 @@ class Supervisor:
         self._inbox: deque[Command] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        machine.add_listener(self)  # type: ignore[no-untyped-call]  # for on_enter_active
 
     # -- outside world ----------------------------------------------------------------------
 
@@ -275,16 +276,23 @@ class Supervisor:
             return
         version = client.protocol_version or "?"
         try:
+            # `on_enter_active` installs the session as the machine enters `active`: after the
+            # commit, and in the same step as the state change, so nobody sees one without the other.
             await self._fire(
-                "connected", reason=f"handshake ok (MCP {version}, {len(tools)} tools)", notify=False
+                "connected", reason=f"handshake ok (MCP {version}, {len(tools)} tools)", notify=False,
+                session=(client, tools),
             )
         except BaseException:
             await _close_quietly(client)  # not committed: nothing may route through it
             raise
-        # Installed only now that `connected` is committed and the machine is active.
-        self._client, self.tools, self.last_error = client, tools, None
         self._listen(client)
         self._on_change(self)
+
+    def on_enter_active(self, session: tuple[InstanceClient, list[dict[str, Any]]] | None = None) -> None:
+        """The machine's listener: `connected` is committed and the state is changing now."""
+        if session is not None:
+            self._client, self.tools = session
+            self.last_error = None
 
     async def _handshake(self, client: InstanceClient) -> list[dict[str, Any]]:
         await client.initialize()
@@ -332,7 +340,7 @@ class Supervisor:
             await self._refresh_tools()
 
     async def _fire(
-        self, event: str, *, reason: str, error: str | None = None, notify: bool = True
+        self, event: str, *, reason: str, error: str | None = None, notify: bool = True, **details: Any
     ) -> None:
         """Commit and take the transition; a failed append is retried with backoff.
 
@@ -342,7 +350,7 @@ class Supervisor:
         delay = self.timing.record_backoff
         for attempt in range(1, self.timing.record_attempts + 1):
             try:
-                await fire(self.machine, event, reason=reason, error=error)
+                await fire(self.machine, event, reason=reason, error=error, **details)
                 break
             except StoreError as exc:
                 if attempt == self.timing.record_attempts:
