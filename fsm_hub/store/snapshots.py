@@ -58,7 +58,7 @@ def load_fold(
                 fold, since = restored, seq
                 break
             ignored += 1
-            warn(f"warning: snapshot at seq {seq} ignored ({problem}); folding the log instead")
+            warn(f"warning: snapshot at seq {seq} ignored ({problem})")
     where = "seq > ?" + ("" if until is None else " AND at <= ?")
     params: tuple[object, ...] = (since,) if until is None else (since, until)
     before = fold.events
