@@ -93,10 +93,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: runs a real subprocess or a build; slower")
 
 
+SUBPROCESS_FIXTURES = frozenset({"sdk_server", "sleeper"})
+"""Fixtures that start a process (an SDK server; discovery's live pid)."""
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that uses a subprocess server fixture is an e2e test wherever it lives."""
+    """A test that uses a subprocess fixture is an e2e test wherever it lives."""
     for item in items:
-        if "sdk_server" in getattr(item, "fixturenames", ()):
+        if SUBPROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
 
 
