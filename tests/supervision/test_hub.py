@@ -419,9 +419,14 @@ async def test_a_failed_supervisor_is_recorded_and_restarted_from_the_fold(
     [failed] = [e for e in running.committed.events if e.type == "supervisor_failed"]
     assert failed.stream == HUB_STREAM
     await eventually(lambda: running.hub._supervisors["crashy"] is not before, what="a new supervisor")
-    await running.settle(crashy="active")
-    assert running.hub._supervisors["crashy"].running
+    await eventually(lambda: running.hub._supervisors["crashy"].running, what="the new supervisor runs")
+    # The committed state was already active before the crash: wait for the restart's own events.
+    for _ in range(500):
+        if (await transitions(running.store, "crashy"))[2:] == RESTARTED:
+            break
+        await asyncio.sleep(0.01)
     assert (await transitions(running.store, "crashy"))[2:] == RESTARTED
+    await running.settle(crashy="active")
     records = await transition_data(running.store, "crashy")
     assert records[2]["reason"] == "supervisor restarted"
     assert await transitions(running.store, "calm") == CONNECT  # the others never noticed
