@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import signal
@@ -19,17 +18,20 @@ from typing import Any
 
 from fsm_hub.discovery.directory import Discovery, process_is_running
 from fsm_hub.errors import FsmHubError
-from fsm_hub.mcp.session import INTERNAL_ERROR, Session, error_response, parse_error
-from fsm_hub.serve.bridge import Bridge, OwnerGone
+from fsm_hub.mcp import jsonrpc
+from fsm_hub.mcp.jsonrpc import INTERNAL_ERROR, JsonRpcDecodeError, decode_error, error_response, parse_error
+from fsm_hub.mcp.session import Session
+from fsm_hub.serve.bridge import Bridge, OwnerGone, OwnerUnresponsive
 from fsm_hub.serve.ownership import Owner, Ownership
 from fsm_hub.store.sqlite import EventStore
 from fsm_hub.supervision.hub import Hub
 from fsm_hub.supervision.supervisor import DEFAULT_TIMING, Timing
-from fsm_hub.transports.http import HttpEndpoint
+from fsm_hub.transports.http import HttpEndpoint, HttpLimits
 from fsm_hub.transports.stdio import StdioChannel
 
 log = logging.getLogger(__name__)
 TAKEOVER_WAIT = 10.0
+DEFAULT_LIMITS = HttpLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,8 @@ class ServeOptions:
     http: tuple[str, int] | None = None
     allow_remote: bool = False
     timing: Timing = DEFAULT_TIMING
+    limits: HttpLimits = DEFAULT_LIMITS
+    """Session expiry, session and connection caps of both HTTP endpoints."""
 
 
 class OwnedHub:
@@ -65,11 +69,11 @@ class OwnedHub:
             if settle:
                 await self.hub.settle(settle)
             token = secrets.token_urlsafe(24)
-            private = HttpEndpoint(self.hub, "127.0.0.1", 0, token=token)
+            private = HttpEndpoint(self.hub, "127.0.0.1", 0, token=token, limits=options.limits)
             self.endpoints.append(private)
             self.ownership.advertise(await private.start(), token)
             if options.http is not None:
-                public = HttpEndpoint(self.hub, *options.http)
+                public = HttpEndpoint(self.hub, *options.http, limits=options.limits)
                 self.endpoints.append(public)
                 url = await public.start()
                 log.warning("fsm-hub: serving MCP over Streamable HTTP at %s", url)
@@ -130,7 +134,7 @@ async def _serve_stdio(
     async def answer(message: Any) -> None:
         reply = await session.handle(message)
         if reply is not None:
-            channel.write(reply)
+            await channel.send(reply)
 
     reason = await _pump(channel, stop, tasks, lambda line, message: answer(message))
     await session.close(reason)
@@ -169,16 +173,16 @@ async def _read_lines(channel: StdioChannel, tasks: set[asyncio.Task[Any]], hand
         try:
             line = await channel.readline()
         except ValueError:
-            channel.write(parse_error())
+            channel.write(parse_error(f"Parse error: the line exceeds {jsonrpc.MAX_MESSAGE} bytes"))
             continue
         if line is None:
             return "client closed stdin"
         if not line.strip():
             continue
         try:
-            message = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            channel.write(parse_error())
+            message = jsonrpc.decode(line)
+        except JsonRpcDecodeError as exc:
+            await channel.send(decode_error(exc))
             continue
         task = asyncio.create_task(handle(line, message))
         tasks.add(task)
@@ -202,7 +206,7 @@ async def _attach(
         task.add_done_callback(_failover_done)
         task.add_done_callback(tasks.discard)
 
-    bridge = Bridge(channel, owner, on_lost=owner_lost)
+    bridge = Bridge(channel, owner, on_lost=owner_lost, call_timeout=options.timing.call_timeout)
 
     async def failover(failed: Owner) -> None:
         async with failover_lock:
@@ -245,11 +249,16 @@ async def _attach(
             if session is not None:
                 reply = await session.handle(message)
                 if reply is not None:
-                    channel.write(reply)
+                    await channel.send(reply)
                 return
             current = bridge.owner
             try:
                 await bridge.relay(line, message)
+            except OwnerUnresponsive as exc:
+                log.error("fsm-hub: %s", exc)
+                if isinstance(message, dict) and "id" in message:
+                    await channel.send(error_response(message["id"], INTERNAL_ERROR, f"fsm-hub: {exc}"))
+                return
             except OwnerGone:
                 try:
                     await failover(current)
@@ -262,7 +271,7 @@ async def _attach(
             bridge.remember(message)
             return
         if isinstance(message, dict) and "id" in message:
-            channel.write(error_response(message["id"], INTERNAL_ERROR, "fsm-hub: no hub is reachable"))
+            await channel.send(error_response(message["id"], INTERNAL_ERROR, "fsm-hub: no hub is reachable"))
 
     reason = await _pump(channel, stop, tasks, handle)
     for task in list(tasks):
