@@ -59,6 +59,9 @@ class Bridge:
             connector=aiohttp.TCPConnector(limit=0),
         )
         self._listener: asyncio.Task[None] | None = None
+        self._initialized = asyncio.Event()
+        """Clear while an initialize is on its way; set once it is answered (or failed)."""
+        self._initialized.set()
 
     def __repr__(self) -> str:
         session = self.session_id[:8] if self.session_id else None
@@ -105,24 +108,36 @@ class Bridge:
         (stopped, wedged) raises OwnerUnresponsive instead of holding the client forever.
         Nothing is written for a request the owner never answered, so the caller answers it.
         """
+        initializing = isinstance(message, dict) and message.get("method") == "initialize"
         try:
-            async with (
-                asyncio.timeout(self.call_timeout),
-                self._http.post(self.owner.url, data=line, headers=self._headers()) as response,
-            ):
-                if response.status in GONE_STATUSES and "Retry-After" not in response.headers:
-                    raise OwnerGone(f"the owning hub answered HTTP {response.status}")
-                new_id = response.headers.get(SESSION_HEADER)
-                if new_id and new_id != self.session_id:
-                    self.session_id = new_id
-                    self._listen()
-                await self._forward(response, needs_answer(message))
+            async with asyncio.timeout(self.call_timeout):
+                if initializing:
+                    self._initialized.clear()
+                elif self.session_id is None:
+                    # Sent right behind initialize (before its answer brought the session id):
+                    # without the id the owner would refuse it, so it waits for the session.
+                    await self._initialized.wait()
+                try:
+                    await self._post(line, message)
+                finally:
+                    if initializing:
+                        self._initialized.set()
         except TimeoutError:
             raise OwnerUnresponsive(
                 f"the owning hub (pid {self.owner.pid}) did not answer within {self.call_timeout:g}s"
             ) from None
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise OwnerGone(f"owning hub unreachable: {exc}") from None
+
+    async def _post(self, line: bytes, message: Any) -> None:
+        async with self._http.post(self.owner.url, data=line, headers=self._headers()) as response:
+            if response.status in GONE_STATUSES and "Retry-After" not in response.headers:
+                raise OwnerGone(f"the owning hub answered HTTP {response.status}")
+            new_id = response.headers.get(SESSION_HEADER)
+            if new_id and new_id != self.session_id:
+                self.session_id = new_id
+                self._listen()
+            await self._forward(response, needs_answer(message))
 
     async def _forward(self, response: aiohttp.ClientResponse, answer: bool) -> None:
         if response.status == 202:

@@ -31,6 +31,9 @@ from fsm_hub.transports.stdio import StdioChannel
 
 log = logging.getLogger(__name__)
 TAKEOVER_WAIT = 10.0
+EOF_GRACE = 10.0
+"""Seconds the answers to requests read before end of input may still take."""
+END_OF_INPUT = "client closed stdin"
 DEFAULT_LIMITS = HttpLimits()
 
 
@@ -137,6 +140,7 @@ async def _serve_stdio(
             await channel.send(reply)
 
     reason = await _pump(channel, stop, tasks, lambda line, message: answer(message))
+    await _finish_answers(reason, tasks)
     await session.close(reason)
     for task in tasks:
         task.cancel()
@@ -176,7 +180,7 @@ async def _read_lines(channel: StdioChannel, tasks: set[asyncio.Task[Any]], hand
             channel.write(parse_error(f"Parse error: the line exceeds {jsonrpc.MAX_MESSAGE} bytes"))
             continue
         if line is None:
-            return "client closed stdin"
+            return END_OF_INPUT
         if not line.strip():
             continue
         try:
@@ -274,6 +278,7 @@ async def _attach(
             await channel.send(error_response(message["id"], INTERNAL_ERROR, "fsm-hub: no hub is reachable"))
 
     reason = await _pump(channel, stop, tasks, handle)
+    await _finish_answers(reason, tasks)
     for task in list(tasks):
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -284,6 +289,16 @@ async def _attach(
     await bridge.close(end_session=state["owned"] is None)  # again, if we took over: harmless
     await channel.drain()
     return 0
+
+
+async def _finish_answers(reason: str, tasks: set[asyncio.Task[Any]]) -> None:
+    """After end of input, let the requests already read be answered (for at most EOF_GRACE).
+
+    A client that writes its last request and closes stdin still reads stdout: its answer
+    must not be dropped. A signal stops at once.
+    """
+    if reason == END_OF_INPUT and tasks:
+        await asyncio.wait(list(tasks), timeout=EOF_GRACE)
 
 
 def _failover_done(task: asyncio.Task[Any]) -> None:

@@ -136,7 +136,10 @@ class HttpEndpoint:
         # Stopping closes every session (cancelling its handlers) before the runner: what is
         # left is idle keep-alive connections, which must not hold the hub's exit (and with it
         # the log's lock, which an attached process is waiting to take over) for aiohttp's 60 s.
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+        # lingering_time: after refusing a request unread, drain its body for at most a second.
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=0.5, lingering_time=1.0
+        )
         await self._runner.setup()
         site = _GuardedSite(self._runner, self.host, self.port, guard=self.connections)
         await site.start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import sys
 import threading
 from typing import Any, Final
@@ -35,6 +36,7 @@ class StdioChannel:
         self._writer: asyncio.StreamWriter | None = None
         self._lines: asyncio.Queue[bytes | None] | None = None
         self._closed_input = False
+        self._sending = asyncio.Lock()
         self.dropped = 0
         """Notifications dropped because the client was not reading."""
 
@@ -50,6 +52,8 @@ class StdioChannel:
         else:
             reader = asyncio.StreamReader(limit=MAX_LINE)
             try:
+                if not _pollable(0):
+                    raise ValueError("not a pipe, socket or terminal")
                 await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
                 self._reader = reader
             except (ValueError, OSError):  # a regular file, /dev/null: something epoll cannot watch
@@ -116,14 +120,23 @@ class StdioChannel:
         self._put(_line(message))
 
     async def send(self, message: Any) -> None:
-        """Write an answer, waiting while the client is not reading what was written before."""
-        self._put(_line(message))
+        """Write an answer once the client has read what was written before.
+
+        One answer at a time waits for room (the lock), so unread output stays near
+        HIGH_WATER plus one message, however many answers are waiting.
+        """
+        data = _line(message)
         writer = self._writer
-        if writer is not None and not writer.transport.is_closing():
-            try:
-                await writer.drain()
-            except (ConnectionError, OSError):
-                pass  # the client is gone; stdin's end will stop the session
+        if writer is None:
+            self._put(data)
+            return
+        async with self._sending:
+            if not writer.transport.is_closing():
+                try:
+                    await writer.drain()
+                except (ConnectionError, OSError):
+                    pass  # the client is gone; stdin's end will stop the session
+            self._put(data)
 
     def _put(self, data: bytes) -> None:
         writer = self._writer
@@ -149,6 +162,15 @@ class StdioChannel:
 def _line(message: Any) -> bytes:
     data = message if isinstance(message, bytes | bytearray) else jsonrpc.encode_answer(message)
     return bytes(data) if data.endswith(b"\n") else bytes(data) + b"\n"
+
+
+def _pollable(fd: int) -> bool:
+    """Whether epoll can watch ``fd``: a pipe, a socket or a terminal (not /dev/null, not a file).
+
+    asyncio only finds out after ``connect_read_pipe`` returns, in a callback, too late to fall back.
+    """
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or (stat.S_ISCHR(mode) and os.isatty(fd))
 
 
 def _is_open(fd: int) -> bool:

@@ -29,6 +29,7 @@ class RawHub:
             FSM_HUB, "serve", "--mcp", "--db", str(lab.db), "--instances-dir", str(lab.instances_dir),
             "--ping-interval", "0.2", *extra,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            limit=64 * 1024 * 1024,  # answers of several MB are one line each
         )  # fmt: skip
         return cls(process)
 

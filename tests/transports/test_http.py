@@ -50,8 +50,11 @@ class Endpoints:
         self.http = http
         self.started: list[HttpEndpoint] = []
 
-    async def start(self, host: str = "127.0.0.1", token: str | None = None) -> HttpEndpoint:
-        endpoint = HttpEndpoint(self.live.hub, host, 0, token=token)
+    async def start(
+        self, host: str = "127.0.0.1", token: str | None = None, **options: Any
+    ) -> HttpEndpoint:
+        """An endpoint on the live hub; ``options`` go to HttpEndpoint (``limits``, ``clock``)."""
+        endpoint = HttpEndpoint(self.live.hub, host, 0, token=token, **options)
         await endpoint.start()
         self.started.append(endpoint)
         return endpoint
