@@ -12,7 +12,7 @@ import contextlib
 import logging
 import secrets
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from fsm_hub.mcp.jsonrpc import INTERNAL_ERROR, JsonRpcDecodeError, decode_error
 from fsm_hub.mcp.session import Session
 from fsm_hub.serve.bridge import Bridge, OwnerGone, OwnerUnresponsive
 from fsm_hub.serve.ownership import Owner, Ownership
+from fsm_hub.serve.relay import HttpRelay
 from fsm_hub.store.sqlite import EventStore
 from fsm_hub.supervision.hub import Hub
 from fsm_hub.supervision.supervisor import DEFAULT_TIMING, Timing
@@ -34,6 +35,8 @@ TAKEOVER_WAIT = 10.0
 EOF_GRACE = 10.0
 """Seconds the answers to requests read before end of input may still take."""
 END_OF_INPUT = "client closed stdin"
+RELAY_POLL = 0.2
+"""Seconds between an attached `serve --http`'s looks at whether the log's owner is gone."""
 DEFAULT_LIMITS = HttpLimits()
 
 
@@ -117,11 +120,47 @@ async def serve(options: ServeOptions) -> int:
             await owned.stop("signal")
             return 0
         return await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop)
-    if channel is None:
+    relay: HttpRelay | None = None
+    if options.http is not None:
+        # The public endpoint relays to whoever owns the log; a takeover here must not bind it again.
+        relay = HttpRelay(
+            *options.http, ownership.read, limits=options.limits, call_timeout=options.timing.call_timeout
+        )
+        url = await relay.start()
         owner = ownership.read()
         who = f" (pid {owner.pid})" if owner else ""
-        raise FsmHubError(f"another fsm-hub{who} already serves {options.db}; use serve --mcp to attach")
-    return await _attach(channel, options, ownership, stop)
+        log.warning("fsm-hub: serving MCP over Streamable HTTP at %s, relayed to the owning hub%s", url, who)
+        options = replace(options, http=None)
+    try:
+        if channel is None:
+            if relay is None:
+                owner = ownership.read()
+                who = f" (pid {owner.pid})" if owner else ""
+                raise FsmHubError(
+                    f"another fsm-hub{who} already serves {options.db}; use serve --mcp or --http to attach"
+                )
+            return await _relay_until_stopped(options, ownership, stop)
+        return await _attach(channel, options, ownership, stop)
+    finally:
+        if relay is not None:
+            await relay.stop()
+
+
+async def _relay_until_stopped(options: ServeOptions, ownership: Ownership, stop: asyncio.Event) -> int:
+    """An attached `serve --http`: relay until a signal; take over the log when its owner exits."""
+    owned: OwnedHub | None = None
+    try:
+        while not stop.is_set():
+            if owned is None and ownership.try_acquire():
+                log.warning("fsm-hub: the owning hub is gone; taking over")
+                owned = OwnedHub(options, ownership)
+                await owned.start(settle=options.timing.connect_timeout)  # advertises: the relay follows
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RELAY_POLL)
+    finally:
+        if owned is not None:
+            await owned.stop("signal")
+    return 0
 
 
 async def _serve_stdio(

@@ -38,8 +38,11 @@ from fsm_hub.transports.connections import ConnectionGuard, Guarded, retrieve
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SESSION_HEADER", "HttpEndpoint", "HttpLimits", "is_loopback", "split_host"]
+__all__ = ["RELAYED_HEADER", "SESSION_HEADER", "HttpEndpoint", "HttpLimits", "is_loopback", "split_host"]
 
+RELAYED_HEADER: Final = "X-Fsm-Hub-Relayed"
+"""Sent by an attached `serve --http` on the private endpoint: its sessions are HTTP clients'
+(whose GET streams come and go), not a bridge's."""
 BACKLOG: Final = 256
 """Server messages a session keeps while no GET stream is open to carry them (oldest dropped)."""
 
@@ -75,6 +78,8 @@ class HttpSession:
     """The handlers of its open GET streams, ended when the session is."""
     requests: int = 0
     """Requests being handled right now."""
+    ends_with_stream: bool = False
+    """A bridge's session: it ends when the bridge's GET stream does (the bridge is gone)."""
 
     def idle_since(self, now: float) -> float:
         """Seconds the session has been idle; 0 while it has a request or an open stream."""
@@ -141,7 +146,7 @@ class HttpEndpoint:
             app, access_log=None, handle_signals=False, shutdown_timeout=0.5, lingering_time=1.0
         )
         await self._runner.setup()
-        site = _GuardedSite(self._runner, self.host, self.port, guard=self.connections)
+        site = GuardedSite(self._runner, self.host, self.port, guard=self.connections)
         await site.start()
         if self.port == 0:
             self.port = int(self._runner.addresses[0][1])
@@ -199,32 +204,7 @@ class HttpEndpoint:
     def _refusal(self, request: web.Request) -> web.Response | None:
         if self._stopping:
             return _refuse(error_response(None, INVALID_REQUEST, "fsm-hub is stopping"), 503)
-        host_header = request.headers.get("Host", "")
-        host = split_host(host_header)
-        if host is None or (not is_loopback(host) and not self._is_own_host(host)):
-            return _refuse(
-                error_response(None, INVALID_REQUEST, f"Misdirected request: Host {host_header!r}"), 421
-            )
-        origin = request.headers.get("Origin")
-        if origin is not None and not _loopback_origin(origin):
-            return _refuse(error_response(None, INVALID_REQUEST, f"Forbidden: Origin {origin!r}"), 403)
-        if self.token is not None:
-            given = request.headers.get("Authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-                return _refuse(error_response(None, INVALID_REQUEST, "Unauthorized"), 401)
-        return None
-
-    def _is_own_host(self, host: str) -> bool:
-        """When bound to a non-loopback address on purpose, that address is our own Host.
-
-        Bound to a wildcard (0.0.0.0, ::), any IP literal is: DNS rebinding needs a name.
-        """
-        if is_loopback(self.host):
-            return False
-        bound = ip_literal(self.host)
-        if bound is not None and bound.is_unspecified:
-            return ip_literal(host) is not None
-        return host == self.host
+        return origin_refusal(request, self.host, self.token)
 
     def _session(self, request: web.Request, message: Any = None) -> HttpSession | web.Response:
         request_id = message.get("id") if isinstance(message, dict) else None
@@ -282,6 +262,7 @@ class HttpEndpoint:
                 refusal.headers["Retry-After"] = "5"
                 return refusal
             entry = self._new_session()
+            entry.ends_with_stream = self.token is not None and RELAYED_HEADER not in request.headers
         else:
             found = self._session(request, message)
             if isinstance(found, web.Response):
@@ -376,7 +357,7 @@ class HttpEndpoint:
         finally:
             found.streams.discard(handler)
             found.last_seen = self.clock()
-        if lost and self.token is not None and not found.streams and found.session.id in self.sessions:
+        if lost and found.ends_with_stream and not found.streams and found.session.id in self.sessions:
             # A bridge keeps its GET stream open for its whole life: the stream ending means
             # the bridge process is gone, and so is its session.
             self.sessions.pop(found.session.id, None)
@@ -400,7 +381,38 @@ class HttpEndpoint:
         return entry
 
 
-class _GuardedSite(web.TCPSite):
+def origin_refusal(request: web.Request, bound_host: str, token: str | None) -> web.Response | None:
+    """The refusal for a request from where it must not come (Host, Origin, token), else None."""
+    host_header = request.headers.get("Host", "")
+    host = split_host(host_header)
+    if host is None or (not is_loopback(host) and not _is_own_host(bound_host, host)):
+        return _refuse(
+            error_response(None, INVALID_REQUEST, f"Misdirected request: Host {host_header!r}"), 421
+        )
+    origin = request.headers.get("Origin")
+    if origin is not None and not _loopback_origin(origin):
+        return _refuse(error_response(None, INVALID_REQUEST, f"Forbidden: Origin {origin!r}"), 403)
+    if token is not None:
+        given = request.headers.get("Authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return _refuse(error_response(None, INVALID_REQUEST, "Unauthorized"), 401)
+    return None
+
+
+def _is_own_host(bound_host: str, host: str) -> bool:
+    """When bound to a non-loopback address on purpose, that address is our own Host.
+
+    Bound to a wildcard (0.0.0.0, ::), any IP literal is: DNS rebinding needs a name.
+    """
+    if is_loopback(bound_host):
+        return False
+    bound = ip_literal(bound_host)
+    if bound is not None and bound.is_unspecified:
+        return ip_literal(host) is not None
+    return host == bound_host
+
+
+class GuardedSite(web.TCPSite):
     """A TCP site whose connections pass through a `ConnectionGuard`."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *, guard: ConnectionGuard) -> None:
