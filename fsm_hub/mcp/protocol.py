@@ -12,6 +12,7 @@ import re
 from typing import Any, Final
 
 from fsm_hub import __version__
+from fsm_hub.discovery.directory import is_loopback_host
 
 PROTOCOL_VERSIONS: Final = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 """Versions we speak, newest first; the wire format we use is the same for all of them."""
@@ -61,20 +62,13 @@ def as_call_tool_result(result: Any) -> dict[str, Any]:
 def is_loopback(host: str) -> bool:
     """``localhost`` or a loopback address, bracketed or not, IPv4-mapped included.
 
-    ``0.0.0.0`` and ``::`` are not: they mean "all interfaces".
+    ``0.0.0.0`` and ``::`` are not: they mean "all interfaces". The address test itself is
+    discovery's (an earlier layer, which checks instance URLs with it): one check, two users.
     """
-    host = host.strip().lower()
+    host = host.strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if host == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
+    return is_loopback_host(host)
 
 
 _HOST = re.compile(
