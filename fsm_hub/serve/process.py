@@ -35,6 +35,8 @@ TAKEOVER_WAIT = 10.0
 EOF_GRACE = 10.0
 """Seconds the answers to requests read before end of input may still take."""
 END_OF_INPUT = "client closed stdin"
+MAX_IN_FLIGHT = 16
+"""Requests of one stdio client handled at once."""
 RELAY_POLL = 0.2
 """Seconds between an attached `serve --http`'s looks at whether the log's owner is gone."""
 DEFAULT_LIMITS = HttpLimits()
@@ -211,8 +213,16 @@ async def _pump(
 
 
 async def _read_lines(channel: StdioChannel, tasks: set[asyncio.Task[Any]], handle: Any) -> str:
-    """The hot loop: one line in, one task out; no per-line timers or waits."""
+    """The hot loop: one line in, one task out; no per-line timers or waits.
+
+    At most MAX_IN_FLIGHT requests are handled at once: beyond, stdin is not read until one
+    is answered, so a client that stops reading its answers stops the hub reading its requests
+    (memory stays bounded) instead of piling answers up.
+    """
     while True:
+        if len(tasks) >= MAX_IN_FLIGHT:
+            await asyncio.wait(list(tasks), return_when=asyncio.FIRST_COMPLETED)
+            continue
         try:
             line = await channel.readline()
         except ValueError:
