@@ -22,7 +22,7 @@ from fsm_hub.mcp import jsonrpc
 from fsm_hub.mcp.jsonrpc import INTERNAL_ERROR, JsonRpcDecodeError, decode_error, error_response, parse_error
 from fsm_hub.mcp.session import Session
 from fsm_hub.serve.attach import AttachMachine
-from fsm_hub.serve.bridge import Bridge, OwnerGone, OwnerUnresponsive
+from fsm_hub.serve.bridge import Bridge, OwnerGone
 from fsm_hub.serve.ownership import Owner, Ownership
 from fsm_hub.serve.relay import HttpRelay
 from fsm_hub.store.sqlite import EventStore
@@ -316,11 +316,6 @@ async def _attach(
             current = bridge.owner
             try:
                 await bridge.relay(line, message)
-            except OwnerUnresponsive as exc:
-                log.error("fsm-hub: %s", exc)
-                if isinstance(message, dict) and "id" in message:
-                    await channel.send(error_response(message["id"], INTERNAL_ERROR, f"fsm-hub: {exc}"))
-                return
             except OwnerGone:
                 try:
                     await failover(current)
@@ -328,6 +323,11 @@ async def _attach(
                     log.error("fsm-hub: %s", exc)
                     break
                 continue
+            except Exception as exc:  # unresponsive owner, an oversized event, anything: answer
+                log.error("fsm-hub: %s", exc)
+                if isinstance(message, dict) and "id" in message:
+                    await channel.send(error_response(message["id"], INTERNAL_ERROR, f"fsm-hub: {exc}"))
+                return
             # Remembered once delivered: a message that failed is retried on the new owner as
             # itself, so replaying it first would send it twice.
             bridge.remember(message)
