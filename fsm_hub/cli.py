@@ -250,6 +250,15 @@ def serve(
     retry_attempts: Annotated[
         int, typer.Option(min=1, help="Connect attempts before an instance is dead.")
     ] = 8,
+    session_idle: Annotated[
+        float, typer.Option(help="Seconds an HTTP session may be idle before it is closed.")
+    ] = 1800.0,
+    max_sessions: Annotated[
+        int, typer.Option(min=1, help="Live HTTP sessions; beyond it initialize gets 503.")
+    ] = 1000,
+    call_timeout: Annotated[
+        float, typer.Option(help="Seconds any routed request may take before its client gets an error.")
+    ] = 300.0,
     db: DbOption = None,
 ) -> None:
     """Run the hub: discover instances, supervise their connections, serve MCP."""
@@ -260,6 +269,7 @@ def serve(
     from fsm_hub.serve.process import ServeOptions
     from fsm_hub.serve.process import serve as run_hub
     from fsm_hub.supervision.supervisor import Timing
+    from fsm_hub.transports.http import HttpLimits
 
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
     timing = Timing(
@@ -270,6 +280,7 @@ def serve(
         backoff_base=_positive("--backoff-base", backoff_base),
         backoff_cap=_positive("--backoff-cap", backoff_cap),
         retry_attempts=retry_attempts,
+        call_timeout=_positive("--call-timeout", call_timeout),
     )
     options = ServeOptions(
         db=db if db is not None else default_db_path(),
@@ -278,6 +289,7 @@ def serve(
         http=parse_listen(http) if http else None,
         allow_remote=allow_remote,
         timing=timing,
+        limits=HttpLimits(session_idle=_positive("--session-idle", session_idle), max_sessions=max_sessions),
     )
     code = run(lambda: asyncio.run(run_hub(options)))
     raise typer.Exit(code)
