@@ -25,32 +25,54 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
-import json
 import os
-import re
 import stat
 import sys
 import tempfile
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, TypeAlias
 
 from watchfiles import awatch
 
-from fsm_hub.errors import DiscoveryError, InvalidAnnouncement, RefusedAnnouncement
+from fsm_hub.discovery.announcement import (
+    MAX_FILE_SIZE,
+    Announcement,
+    is_loopback_host,
+    one_line,
+    parse_announcement,
+    parse_rfc3339,
+)
+from fsm_hub.discovery.security import directory_refusal, read_own_file
+from fsm_hub.errors import DiscoveryError, RefusedAnnouncement
+
+__all__ = [
+    "DEFAULT_POLL_INTERVAL",
+    "ENV_INSTANCES_DIR",
+    "MAX_FILE_SIZE",
+    "Announcement",
+    "Change",
+    "Changed",
+    "Discovery",
+    "Found",
+    "Gone",
+    "Problem",
+    "ScanResult",
+    "Updated",
+    "default_instances_dir",
+    "directory_refusal",
+    "is_loopback_host",
+    "parse_announcement",
+    "parse_rfc3339",
+    "process_is_running",
+    "scan",
+    "warn_to_stderr",
+]
 
 ENV_INSTANCES_DIR = "FSM_HUB_INSTANCES_DIR"
-MAX_FILE_SIZE = 64 * 1024
-"""Announcements are a few hundred bytes; anything bigger is not one, and is not read."""
 DEFAULT_POLL_INTERVAL = 1.0
-_MAX_PID = 2**31 - 1  # pid_t; a bigger number could not be passed to kill()
 _WATCH_STEP_MS = 50  # how often the watch thread looks at its stop event, too
-
-_T = TypeVar("_T")
 
 Warn: TypeAlias = Callable[[str], None]
 Sleep: TypeAlias = Callable[[float], Awaitable[None]]
@@ -68,26 +90,6 @@ def default_instances_dir(env: Mapping[str, str] = os.environ) -> Path:
     if runtime := env.get("XDG_RUNTIME_DIR"):
         return Path(runtime) / "brummer" / "instances"
     return Path(tempfile.gettempdir()) / "brummer" / "instances"
-
-
-@dataclass(frozen=True, slots=True)
-class Announcement:
-    """One instance as its file announces it."""
-
-    id: str
-    name: str
-    directory: str
-    port: int
-    pid: int | None
-    url: str
-    """The MCP endpoint: the file's `url`, else `http://127.0.0.1:{port}/mcp`."""
-    executable: str | None
-    started_at: datetime | None
-    last_ping: datetime | None
-
-    def evidence(self) -> tuple[int, int | None, str]:
-        """What identifies this run of the server: if any of it changes, reconnect from scratch."""
-        return (self.port, self.pid, self.url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,158 +125,6 @@ class Gone:
 Change: TypeAlias = Found | Changed | Updated | Gone
 
 
-# --- reading one file ------------------------------------------------------------------------
-
-_RFC3339 = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
-    r"(?:\.([0-9]{1,9}))?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
-)
-_GO_ZERO_TIME = datetime(1, 1, 1, tzinfo=UTC)  # what Go writes for a time it never set
-
-
-def parse_rfc3339(text: str) -> datetime:
-    """RFC 3339 as Go writes it (RFC3339Nano: up to nine fractional digits); raises ValueError.
-
-    `datetime.fromisoformat` in 3.11 rejects nanoseconds; they are truncated to microseconds.
-    """
-    match = _RFC3339.fullmatch(text)
-    if match is None:
-        raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
-    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
-    if zulu:
-        tz = UTC
-    else:
-        offset = timedelta(hours=int(off_h), minutes=int(off_m))
-        tz = timezone(-offset if sign == "-" else offset)
-    micro = int((fraction or "0").ljust(6, "0")[:6])
-    return datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=tz)
-
-
-def is_loopback_host(host: str) -> bool:
-    """`localhost` or a loopback address; `0.0.0.0` is not (it means "all interfaces")."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
-
-
-def parse_announcement(
-    data: bytes, *, expected_id: str | None = None, allow_remote: bool = False
-) -> Announcement:
-    """Validate one file's bytes; raises InvalidAnnouncement or RefusedAnnouncement."""
-    if not data.strip():
-        raise InvalidAnnouncement("empty file")
-    try:
-        document = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise InvalidAnnouncement("not UTF-8 text") from None
-    except (ValueError, RecursionError) as exc:
-        raise InvalidAnnouncement(f"not valid JSON ({exc})") from None
-    if not isinstance(document, dict):
-        raise InvalidAnnouncement(f"not a JSON object but {_json_type(document)}")
-
-    instance_id = _required(_text(document, "id"), "id")
-    if not instance_id:
-        raise InvalidAnnouncement("'id' is empty")
-    if expected_id is not None and instance_id != expected_id:
-        raise InvalidAnnouncement(f"'id' is {instance_id!r}, but the file is named for {expected_id!r}")
-    port = _required(_integer(document, "port", 1, 65535), "port")
-    process = document.get("process_info")
-    if process is not None and not isinstance(process, dict):
-        raise InvalidAnnouncement(f"'process_info' must be an object, got {_json_type(process)}")
-    process = process or {}
-    return Announcement(
-        id=instance_id,
-        name=_required(_text(document, "name"), "name"),
-        directory=_text(document, "directory") or "",
-        port=port,
-        pid=_integer(process, "pid", 1, _MAX_PID, prefix="process_info."),
-        url=_url(document, port, allow_remote),
-        executable=_text(process, "executable", prefix="process_info."),
-        started_at=_timestamp(document, "started_at"),
-        last_ping=_timestamp(document, "last_ping"),
-    )
-
-
-def _required(value: _T | None, key: str) -> _T:
-    if value is None:
-        raise InvalidAnnouncement(f"'{key}' is missing")
-    return value
-
-
-def _json_type(value: object) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
-    if value is None:
-        return "null"
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return "a number"
-    return names.get(type(value), type(value).__name__)
-
-
-def _text(obj: dict[str, Any], key: str, *, prefix: str = "") -> str | None:
-    """The string at `key`, or None if absent or null."""
-    value = obj.get(key)
-    if value is not None and not isinstance(value, str):
-        raise InvalidAnnouncement(f"'{prefix}{key}' must be a string, got {_json_type(value)}")
-    return value
-
-
-def _integer(obj: dict[str, Any], key: str, low: int, high: int, *, prefix: str = "") -> int | None:
-    """The integer in low..high at `key`, or None if absent or null (JSON's `true` is no integer)."""
-    value = obj.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidAnnouncement(f"'{prefix}{key}' must be an integer in {low}..{high}, got {_short(value)}")
-    return value
-
-
-def _timestamp(obj: dict[str, Any], key: str) -> datetime | None:
-    text = _text(obj, key)
-    if text is None:
-        return None
-    try:
-        moment = parse_rfc3339(text)
-    except ValueError:
-        raise InvalidAnnouncement(f"'{key}' is not an RFC 3339 time: {_short(text)}") from None
-    return None if moment == _GO_ZERO_TIME else moment
-
-
-def _url(obj: dict[str, Any], port: int, allow_remote: bool) -> str:
-    url = _text(obj, "url")
-    if url is None:
-        return f"http://127.0.0.1:{port}/mcp"
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018 -- raises ValueError on a bad port
-    except ValueError:
-        raise InvalidAnnouncement(f"'url' is not a valid URL: {_short(url)}") from None
-    if parts.scheme not in ("http", "https") or not host:
-        raise InvalidAnnouncement(f"'url' must be an http(s) URL with a host, got {_short(url)}")
-    if not allow_remote and not is_loopback_host(host):
-        raise RefusedAnnouncement(
-            f"url {_short(url)} is not on this machine (host {host} is not a loopback address);"
-            " remote instances need allow_remote"
-        )
-    return url
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _one_line(text: str) -> str:
-    """File names are chosen by other programs; keep a warning on one printable line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def process_is_running(pid: int) -> bool:
     """Signal 0 checks existence without touching the process; EPERM means it exists."""
     try:
@@ -299,7 +149,7 @@ class Problem:
     """Content digest, or inode/size/mtime for files not read: a new value is worth a new warning."""
 
     def __str__(self) -> str:
-        return _one_line(self.message)
+        return one_line(self.message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,20 +165,6 @@ class ScanResult:
     problems: tuple[Problem, ...]
     refused: str | None
     """Why the whole directory is not used, or None (a missing directory is not refused)."""
-
-
-def directory_refusal(directory: Path, st: os.stat_result) -> str | None:
-    """Another user who can write here could announce an instance the hub would trust."""
-    mode = stat.S_IMODE(st.st_mode)
-    if not stat.S_ISDIR(st.st_mode):
-        return f"{directory} is not a directory"
-    if st.st_uid != os.geteuid():
-        return f"{directory} is owned by uid {st.st_uid}, not by us (uid {os.geteuid()})"
-    if mode & stat.S_IWOTH:
-        return f"{directory} is writable by every user (mode {mode:04o})"
-    if mode & stat.S_IWGRP and st.st_gid != os.getegid():
-        return f"{directory} is writable by group {st.st_gid}, not ours (mode {mode:04o})"
-    return None
 
 
 def scan(directory: Path, *, allow_remote: bool = False, warn: Warn = warn_to_stderr) -> ScanResult:
@@ -365,7 +201,7 @@ def _scan(directory: Path, allow_remote: bool, cache: ParseCache | None = None) 
     except OSError as exc:
         refusal = f"cannot read {directory} ({exc.strerror})"
     if refusal:
-        refusal = _one_line(refusal)
+        refusal = one_line(refusal)
         message = f"instances directory refused: {refusal}; no instances will be discovered"
         return ScanResult({}, {}, frozenset(), (Problem(directory, message, ""),), refusal)
 
@@ -397,7 +233,7 @@ def _scan(directory: Path, allow_remote: bool, cache: ParseCache | None = None) 
             _keep(hit[1], announcements, stale)
             continue
         try:
-            data = _read(path)
+            data = read_own_file(path)
         except FileNotFoundError:
             continue  # removed since the listing: the same as not listed
         except DiscoveryError as exc:
@@ -431,37 +267,6 @@ def _stat_seen(path: Path) -> str:
     except OSError:
         return ""
     return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _read(path: Path) -> bytes:
-    """Open without following links and check the open file itself, so a swap can't fool us."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:  # ELOOP from O_NOFOLLOW, EACCES, ...
-        if os.path.islink(path):
-            raise RefusedAnnouncement("it is a symbolic link") from None
-        raise InvalidAnnouncement(f"cannot open it ({exc.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise RefusedAnnouncement("it is not a regular file")
-        if st.st_uid != os.geteuid():
-            raise RefusedAnnouncement(f"it is owned by uid {st.st_uid}, not by us")
-        if st.st_size > MAX_FILE_SIZE:
-            raise RefusedAnnouncement(f"it is larger than {MAX_FILE_SIZE // 1024} KiB")
-        data = b""
-        while len(data) <= MAX_FILE_SIZE and (chunk := os.read(fd, MAX_FILE_SIZE + 1 - len(data))):
-            data += chunk
-    except OSError as exc:  # EIO and friends: one bad file must not stop the scan
-        raise InvalidAnnouncement(f"cannot read it ({exc.strerror})") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_FILE_SIZE:  # it grew while we read
-        raise RefusedAnnouncement(f"it is larger than {MAX_FILE_SIZE // 1024} KiB")
-    return data
 
 
 # --- turning scans into changes --------------------------------------------------------------
@@ -590,7 +395,7 @@ class Discovery:
             await asyncio.gather(*waiters, return_exceptions=True)
 
     def _say_once(self, message: str) -> None:
-        message = _one_line(message)
+        message = one_line(message)
         if message not in self._said:
             self._said.add(message)
             self._warn(message)
