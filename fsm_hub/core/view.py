@@ -135,6 +135,13 @@ class Fold:
             self._sessions.clear()
             self._hub_started_at = None
 
+    def instance(self, instance_id: str) -> InstanceView | None:
+        """One instance's view without building every other one's (discovery asks per file)."""
+        acc = self._instances.get(instance_id)
+        if acc is None:
+            return None
+        return _finish(acc, tuple(s for s, i in self._sessions.items() if i == instance_id))
+
     def view(self) -> View:
         by_instance: dict[str, list[str]] = {}
         for session, instance_id in self._sessions.items():

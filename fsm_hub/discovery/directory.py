@@ -17,6 +17,10 @@ Decisions the file format leaves open:
 - The directory must be ours and writable by no one else: world-writable (sticky or not),
   or group-writable by a group other than our effective group, is refused as a whole.
   Files not owned by us, symlinks, non-regular and oversized files are refused one by one.
+- A directory (or file) that cannot be read for a reason of our own — out of file descriptors
+  (EMFILE, ENFILE), of memory (ENOMEM), an I/O error — tells nothing about the instances:
+  nothing changes until it can be read again. Only a refusal (unsafe or EACCES) withdraws them,
+  and an instance withdrawn so comes back, unchanged, as `Found` with the reason it is back.
 - Only `<id>.json` counts; hidden files (brummer's `.tmp-instance-*`, `.discovery.lock`)
   and other names are ignored without a word.
 """
@@ -24,6 +28,7 @@ Decisions the file format leaves open:
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import stat
@@ -94,9 +99,12 @@ def default_instances_dir(env: Mapping[str, str] = os.environ) -> Path:
 
 @dataclass(frozen=True, slots=True)
 class Found:
-    """A new instance (→ instance_discovered)."""
+    """A new instance (→ instance_discovered), or one withdrawn by a refusal that is usable again."""
 
     announcement: Announcement
+    reason: str = ""
+    """Why a withdrawn instance is back (→ rediscover, e.g. "instances directory usable again");
+    empty for an instance seen for the first time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +173,14 @@ class ScanResult:
     problems: tuple[Problem, ...]
     refused: str | None
     """Why the whole directory is not used, or None (a missing directory is not refused)."""
+    failed: str | None = None
+    """Why the directory could not be looked at now for a reason of our own (EMFILE, ENOMEM,
+    EIO, ...): no evidence about any instance, so nothing changes."""
+
+
+_REFUSING_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENAMETOOLONG})
+"""Directory errors that say something about the directory itself; any other error (EMFILE,
+ENFILE, ENOMEM, EIO, EINTR, ...) is a local failure, which is no evidence about instances."""
 
 
 def scan(directory: Path, *, allow_remote: bool = False, warn: Warn = warn_to_stderr) -> ScanResult:
@@ -199,6 +215,10 @@ def _scan(directory: Path, allow_remote: bool, cache: ParseCache | None = None) 
     except (FileNotFoundError, NotADirectoryError):
         return ScanResult({}, {}, frozenset(), (), None)  # not there yet: polling will see it
     except OSError as exc:
+        if exc.errno not in _REFUSING_ERRORS:
+            failure = one_line(f"cannot read {directory} ({exc.strerror or exc})")
+            message = f"instances directory unreadable for now: {failure}; keeping what was known"
+            return ScanResult({}, {}, frozenset(), (Problem(directory, message, ""),), None, failure)
         refusal = f"cannot read {directory} ({exc.strerror})"
     if refusal:
         refusal = one_line(refusal)
@@ -276,10 +296,14 @@ def _reconcile(
     previous: Mapping[str, Announcement], result: ScanResult
 ) -> tuple[dict[str, Announcement], list[Change]]:
     """The next `current` and the changes that lead there, in id order."""
+    if result.failed is not None:
+        return dict(previous), []
     current = dict(result.announcements)
     changes: list[Change] = []
     for instance_id in sorted(previous.keys() | current.keys()):
         old, new = previous.get(instance_id), current.get(instance_id)
+        if new is old:
+            continue  # the same parsed file as last time (the parse cache): nothing to compare
         if new is None and old is not None:
             alive = old.pid is None or process_is_running(old.pid)
             if instance_id in result.unreadable and alive:
@@ -329,6 +353,9 @@ class Discovery:
         self._current: dict[str, Announcement] = {}
         self._parsed: ParseCache = {}
         self._refused: str | None = None
+        self._failure: str | None = None
+        self._withdrawn: dict[str, str] = {}
+        """Ids reported Gone because they were refused, with the reason: back as `Found` with one."""
         self._reported: frozenset[Problem] = frozenset()
         self._said: set[str] = set()
         self._consumed = False
@@ -343,16 +370,46 @@ class Discovery:
         """Why the directory is not used (for hub_status), or None."""
         return self._refused
 
+    @property
+    def failure(self) -> str | None:
+        """Why the last look at the directory failed for a local reason (EMFILE, ...), or None."""
+        return self._failure
+
     def poll_once(self) -> list[Change]:
         """Scan now; return what changed since the last scan (the first time: all as Found)."""
         result = _scan(self.directory, self.allow_remote, self._parsed)
         for problem in result.problems:
             if problem not in self._reported:
                 self._warn(str(problem))
+        if result.failed is not None:
+            self._reported |= frozenset(result.problems)
+            self._failure = result.failed
+            return []
+        if self._failure is not None:
+            self._failure = None
+            self._warn(f"instances directory {one_line(str(self.directory))} is readable again")
         self._reported = frozenset(result.problems)
         self._refused = result.refused
         self._current, changes = _reconcile(self._current, result)
-        return changes
+        return self._note_withdrawals(result, changes)
+
+    def _note_withdrawals(self, result: ScanResult, changes: list[Change]) -> list[Change]:
+        """Remember what a refusal withdrew; give what comes back unchanged the reason it is back."""
+        back: list[Change] = []
+        for change in changes:
+            if isinstance(change, Gone) and (result.refused or change.reason.startswith("refused:")):
+                self._withdrawn[change.instance_id] = change.reason
+            elif isinstance(change, Found) and change.announcement.id in self._withdrawn:
+                was = self._withdrawn.pop(change.announcement.id)
+                change = replace(change, reason=f"announcement usable again (was {was})")
+            back.append(change)
+        if result.refused is None and self._withdrawn:
+            for instance_id in list(self._withdrawn):
+                if not result.stale.get(instance_id, "").startswith("refused:") and (
+                    instance_id not in result.unreadable
+                ):
+                    del self._withdrawn[instance_id]  # its file is gone: a new one is simply new
+        return back
 
     async def changes(self) -> AsyncGenerator[list[Change], None]:
         """The initial set first (always, even empty, so the hub can reconcile), then each
@@ -363,7 +420,9 @@ class Discovery:
         wake = asyncio.Event()
         watcher = _DirectoryWatcher(self.directory, wake, self._say_once)
         try:
-            batch, first = self.poll_once(), True
+            # In a thread: a first look at 10,000 files takes a quarter of a second or more, and
+            # the hub answers its clients meanwhile.
+            batch, first = await asyncio.to_thread(self.poll_once), True
             while True:
                 if batch or first:
                     first = False
@@ -374,7 +433,7 @@ class Discovery:
                     watcher.follow(self.directory if self._refused is None else None)
                 await self._tick(wake if watcher.running else None)
                 wake.clear()
-                batch = self.poll_once()
+                batch = await asyncio.to_thread(self.poll_once)
         finally:
             await watcher.close()
             self._consumed = False

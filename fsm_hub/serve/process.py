@@ -30,6 +30,9 @@ from fsm_hub.transports.stdio import StdioChannel
 
 log = logging.getLogger(__name__)
 TAKEOVER_WAIT = 10.0
+DISCOVERY_HEAD_START = 0.25
+"""Seconds the first look at the instances directory may take before clients are served anyway
+(a small directory is then complete at the first call; a huge one fills in while serving)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +64,9 @@ class OwnedHub:
         discovery = Discovery(options.instances_dir, allow_remote=options.allow_remote)
         self.hub = Hub(self.store, discovery, timing=options.timing)
         try:
-            await self.hub.start()
+            await self.hub.start(wait_for_discovery=False)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.hub.discovered.wait(), DISCOVERY_HEAD_START)
             if settle:
                 await self.hub.settle(settle)
             token = secrets.token_urlsafe(24)

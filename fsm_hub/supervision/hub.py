@@ -23,6 +23,7 @@ from fsm_hub.core.events import HUB_STREAM, EventType, StoredEvent
 from fsm_hub.core.view import Fold, InstanceView, View, resolve
 from fsm_hub.discovery.directory import (
     Announcement,
+    Change,
     Changed,
     Discovery,
     Found,
@@ -47,6 +48,8 @@ from fsm_hub.supervision.supervisor import (
 log = logging.getLogger(__name__)
 
 InstanceListener = Callable[[str], None]
+DISCOVERY_CHUNK = 100
+"""New instances recorded per group commit before the hub lets other tasks run."""
 
 
 def announced(announcement: Announcement) -> dict[str, Any]:
@@ -102,6 +105,8 @@ class Hub:
         self._supervisors: dict[str, Supervisor] = {}
         self._listeners: list[InstanceListener] = []
         self._discovery_task: asyncio.Task[None] | None = None
+        self.discovered = asyncio.Event()
+        """Set once the first look at the instances directory has been reconciled with the log."""
         self._frozen = False
         self._started = time.monotonic()
         self.open_sessions: set[str] = set()
@@ -109,8 +114,13 @@ class Hub:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Fold the log, record `hub_started`, bring live instances back, reconcile with files."""
+    async def start(self, *, wait_for_discovery: bool = True) -> None:
+        """Fold the log, record `hub_started`, bring live instances back, reconcile with files.
+
+        With `wait_for_discovery=False` the first look at the directory (thousands of files can
+        take seconds) goes on in the background and `discovered` tells when it is done: a
+        server answers its clients meanwhile.
+        """
         self._started = time.monotonic()
         if self._connector is None:
             self._http = aiohttp.ClientSession(
@@ -130,12 +140,19 @@ class Hub:
                 supervisor = await self._supervise(instance)
                 await supervisor.deliver(Rediscover(instance.url or "", "hub restart"))
         changes = self.discovery.changes()
+        if wait_for_discovery:
+            await self._discover_first(changes)
+        self._discovery_task = asyncio.create_task(
+            self._follow(changes, first=not wait_for_discovery), name="fsm-hub-discovery"
+        )
+
+    async def _discover_first(self, changes: AsyncIterator[Sequence[Change]]) -> None:
         first = await anext(changes)
         await self._reconcile(first, initial=True)
         for supervisor in self._supervisors.values():
             supervisor.start()
         self._freeze_long_lived()
-        self._discovery_task = asyncio.create_task(self._follow(changes), name="fsm-hub-discovery")
+        self.discovered.set()
 
     async def settle(self, timeout: float) -> None:
         """Wait (at most `timeout` seconds) until no instance is still discovered or connecting.
@@ -144,6 +161,8 @@ class Hub:
         instances reconnected instead of failing fast while they are.
         """
         deadline = time.monotonic() + timeout
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.discovered.wait(), timeout)
         while time.monotonic() < deadline:
             if not any(s.state in ("discovered", "connecting") for s in self._supervisors.values()):
                 return
@@ -181,7 +200,15 @@ class Hub:
 
     # -- discovery → supervisors ------------------------------------------------------------
 
-    async def _follow(self, changes: AsyncIterator[Sequence[Found | Changed | Updated | Gone]]) -> None:
+    async def _follow(
+        self, changes: AsyncIterator[Sequence[Found | Changed | Updated | Gone]], *, first: bool = False
+    ) -> None:
+        if first:
+            try:
+                await self._discover_first(changes)
+            except Exception:
+                log.exception("could not apply the first look at the instances directory")
+                self.discovered.set()
         async for batch in changes:
             supervised = len(self._supervisors)
             try:
@@ -192,10 +219,12 @@ class Hub:
                 self._freeze_long_lived()
 
     async def _reconcile(self, batch: Sequence[Found | Changed | Updated | Gone], *, initial: bool) -> None:
-        seen: set[str] = set()
+        seen = await self._discover_new(batch, start=not initial)
         for change in batch:
             if isinstance(change, Gone):
                 await self._gone(change.instance_id, change.reason)
+            elif change.announcement.id in seen:
+                continue
             else:
                 seen.add(change.announcement.id)
                 await self._announced(change.announcement, start=not initial)
@@ -204,12 +233,38 @@ class Hub:
                 if instance.id not in seen and instance.state != "dead":
                     await self._gone(instance.id, self._why_missing(instance))
 
+    async def _discover_new(self, batch: Sequence[Change], *, start: bool) -> set[str]:
+        """Record every instance the log has never seen in one group commit, then supervise them.
+
+        Appending them one by one, each awaiting its own commit, made a directory of 1,000 files
+        take seconds (tools/bench_discovery.py); the store commits whatever is queued together.
+        """
+        fresh = [
+            change.announcement
+            for change in batch
+            if not isinstance(change, Gone) and self.instance(change.announcement.id) is None
+        ]
+        for first in range(0, len(fresh), DISCOVERY_CHUNK):
+            chunk = fresh[first : first + DISCOVERY_CHUNK]
+            await asyncio.gather(
+                *(self.store.append(a.id, EventType.INSTANCE_DISCOVERED, announced(a)) for a in chunk)
+            )
+            for announcement in chunk:
+                instance = self.instance(announcement.id)
+                assert instance is not None
+                supervisor = await self._supervise(instance)
+                if start:
+                    supervisor.start()
+            await asyncio.sleep(0)  # a machine costs ~0.3 ms to build: let clients be answered
+        return {a.id for a in fresh}
+
     async def _announced(self, announcement: Announcement, *, start: bool) -> None:
-        known = self.view.instances.get(announcement.id)
+        known = self.instance(announcement.id)
         data = announced(announcement)
         if known is None:
             await self.store.append(announcement.id, EventType.INSTANCE_DISCOVERED, data)
-            instance = self.view.instances[announcement.id]
+            instance = self.instance(announcement.id)
+            assert instance is not None
             supervisor = await self._supervise(instance)
             if start:
                 supervisor.start()
@@ -299,7 +354,11 @@ class Hub:
         return resolve(ref, view.instances.keys(), {i.id: i.name for i in view.instances.values()})
 
     def instance(self, instance_id: str) -> InstanceView | None:
-        return self.view.instances.get(instance_id)
+        # Not `self.view`: it rebuilds every instance's view after each commit, and discovery
+        # asks once per announcement (quadratic in the directory's size).
+        if self._view is not None:
+            return self._view.instances.get(instance_id)
+        return self._fold.instance(instance_id)
 
     def state(self, instance_id: str) -> str:
         supervisor = self._supervisors.get(instance_id)
@@ -364,5 +423,6 @@ class Hub:
             "uptime_seconds": round(time.monotonic() - self._started, 3),
             "instances_dir": str(self.discovery.directory),
             "instances_dir_refused": self.discovery.refused,
+            "discovering": not self.discovered.is_set(),
             "version": __version__,
         }

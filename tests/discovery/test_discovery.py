@@ -616,12 +616,15 @@ async def test_the_watcher_reports_an_atomic_write_without_a_poll(instances: Pat
 
 async def test_cancelling_the_consumer_stops_everything(instances: Path) -> None:
     batches: list[list[Change]] = []
+    first = asyncio.Event()
 
     async def consume() -> None:
         async for batch in Discovery(instances, warn=Warnings(), sleep=sleep_forever).changes():
             batches.append(batch)
+            first.set()
 
     consumer = asyncio.create_task(consume())
+    await asyncio.wait_for(first.wait(), 5)  # the first look runs in a thread
     for _ in range(20):
         await asyncio.sleep(0)
     assert batches == [[]]
