@@ -354,6 +354,7 @@ class Discovery:
         self._parsed: ParseCache = {}
         self._refused: str | None = None
         self._failure: str | None = None
+        self._recovered = False
         self._withdrawn: dict[str, str] = {}
         """Ids reported Gone because they were refused, with the reason: back as `Found` with one."""
         self._reported: frozenset[Problem] = frozenset()
@@ -387,11 +388,17 @@ class Discovery:
             return []
         if self._failure is not None:
             self._failure = None
+            self._recovered = True
             self._warn(f"instances directory {one_line(str(self.directory))} is readable again")
         self._reported = frozenset(result.problems)
         self._refused = result.refused
         self._current, changes = _reconcile(self._current, result)
         return self._note_withdrawals(result, changes)
+
+    def withdraw(self, instance_id: str, reason: str) -> None:
+        """Note that `instance_id` was removed because of `reason` (a refusal the hub saw at
+        start): if its announcement turns up usable, it comes back as `Found` with a reason."""
+        self._withdrawn[instance_id] = reason
 
     def _note_withdrawals(self, result: ScanResult, changes: list[Change]) -> list[Change]:
         """Remember what a refusal withdrew; give what comes back unchanged the reason it is back."""
@@ -413,7 +420,8 @@ class Discovery:
 
     async def changes(self) -> AsyncGenerator[list[Change], None]:
         """The initial set first (always, even empty, so the hub can reconcile), then each
-        non-empty batch. Cancelling the consuming task stops the watcher with it."""
+        non-empty batch, and a batch (even empty) when a directory that could not be read is
+        readable again. Cancelling the consuming task stops the watcher with it."""
         if self._consumed:
             raise DiscoveryError("Discovery.changes() is already being consumed")
         self._consumed = True
@@ -424,8 +432,8 @@ class Discovery:
             # the hub answers its clients meanwhile.
             batch, first = await asyncio.to_thread(self.poll_once), True
             while True:
-                if batch or first:
-                    first = False
+                if batch or first or self._recovered:
+                    first, self._recovered = False, False
                     watcher.serve(asyncio.current_task())
                     yield batch
                 watcher.serve(asyncio.current_task())  # another task may resume us (the hub does)

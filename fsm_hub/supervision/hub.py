@@ -105,6 +105,7 @@ class Hub:
         self._supervisors: dict[str, Supervisor] = {}
         self._listeners: list[InstanceListener] = []
         self._discovery_task: asyncio.Task[None] | None = None
+        self._missing_checked = False
         self.discovered = asyncio.Event()
         """Set once the first look at the instances directory has been reconciled with the log."""
         self._frozen = False
@@ -227,11 +228,25 @@ class Hub:
                 continue
             else:
                 seen.add(change.announcement.id)
-                await self._announced(change.announcement, start=not initial)
-        if initial:
-            for instance in list(self.view.instances.values()):
-                if instance.id not in seen and instance.state != "dead":
-                    await self._gone(instance.id, self._why_missing(instance))
+                back = change.reason if isinstance(change, Found) else ""
+                await self._announced(change.announcement, start=not initial, back=back)
+        if not self._missing_checked and self.discovery.failure is None:
+            await self._remove_missing()
+
+    async def _remove_missing(self) -> None:
+        """Remove what the log has alive but the first successful look did not find.
+
+        Not while the directory cannot be read for a local reason (EMFILE, ...): that says
+        nothing about the instances, so the check waits for the first look that succeeds.
+        """
+        self._missing_checked = True
+        found = self.discovery.current.keys()
+        for instance in list(self.view.instances.values()):
+            if instance.id not in found and instance.state != "dead":
+                reason = self._why_missing(instance)
+                await self._gone(instance.id, reason)
+                if self.discovery.refused is not None:
+                    self.discovery.withdraw(instance.id, reason)
 
     async def _discover_new(self, batch: Sequence[Change], *, start: bool) -> set[str]:
         """Record every instance the log has never seen in one group commit, then supervise them.
@@ -258,7 +273,8 @@ class Hub:
             await asyncio.sleep(0)  # a machine costs ~0.3 ms to build: let clients be answered
         return {a.id for a in fresh}
 
-    async def _announced(self, announcement: Announcement, *, start: bool) -> None:
+    async def _announced(self, announcement: Announcement, *, start: bool, back: str = "") -> None:
+        """`back`: why discovery, having withdrawn it (a refused directory), offers it again."""
         known = self.instance(announcement.id)
         data = announced(announcement)
         if known is None:
@@ -275,9 +291,11 @@ class Hub:
             announcement.evidence(),
         ):
             await self.store.append(announcement.id, EventType.INSTANCE_UPDATED, data)
-        if evidence(known) == announcement.evidence():
-            return
         existing = self._supervisors.get(announcement.id)
+        if evidence(known) == announcement.evidence():
+            if back and existing is not None:  # removed for the refusal: unchanged, so back again
+                await existing.deliver(Rediscover(announcement.url, back))
+            return
         if existing is None:  # a dead instance from an earlier run, back with new evidence
             supervisor = await self._supervise(known)
             if start:
@@ -288,6 +306,8 @@ class Hub:
 
     def _why_missing(self, instance: InstanceView) -> str:
         """Why an instance the log knows is not among the announcements found at start."""
+        if self.discovery.refused is not None:
+            return f"instances directory refused: {self.discovery.refused}"
         if not (self.discovery.directory / f"{instance.id}.json").exists():
             return "instance file gone while the hub was stopped"
         if instance.pid is not None and not process_is_running(instance.pid):
