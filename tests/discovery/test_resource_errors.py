@@ -333,3 +333,44 @@ async def test_a_hub_started_while_the_directory_fails_removes_nothing(
         await live.hub.stop("test over")
     finally:
         await store.close()
+
+
+async def test_a_hub_started_on_an_unsafe_directory_brings_its_instances_back_once_fixed(
+    tmp_path: Path, fake_mcp: Any
+) -> None:
+    from fsm_hub.store.sqlite import EventStore
+    from tests.live_hub import FAST
+
+    instances = tmp_path / "instances"
+    instances.mkdir(mode=0o700)
+    fake = await fake_mcp()
+    store = await EventStore.open(tmp_path / "events.db")
+    try:
+        first = Discovery(instances, use_watcher=False, poll_interval=0.02, warn=Warnings())
+        live = LiveHub(Hub(store, first, timing=FAST), store, instances)
+        live.announce("a", fake.url)
+        await live.hub.start()
+        await live.reach("a", "active")
+        await live.hub.stop("restart")
+
+        instances.chmod(0o777)
+        second = Discovery(instances, use_watcher=False, poll_interval=0.02, warn=Warnings())
+        live.hub = Hub(store, second, timing=FAST)
+        await live.hub.start()
+        await live.reach("a", "dead")
+        instances.chmod(0o700)
+        await live.reach("a", "active")
+        recorded = (await transitions(live, "a"))[2:]
+        assert [t[:3] for t in recorded] == [
+            ("rediscover", "active", "discovered"),
+            ("remove", "discovered", "dead"),
+            ("rediscover", "dead", "discovered"),
+            ("connect", "discovered", "connecting"),
+            ("connected", "connecting", "active"),
+        ]
+        refused = recorded[1][3]
+        assert refused.startswith("instances directory refused: ") and "mode 0777" in refused
+        assert recorded[2][3] == f"announcement usable again (was {refused})"
+        await live.hub.stop("test over")
+    finally:
+        await store.close()
