@@ -47,3 +47,23 @@ class Warnings(list[str]):
 
     def __call__(self, message: str) -> None:
         self.append(message)
+
+
+REMOVED_AND_BACK = [
+    ("connect", "discovered", "connecting"),
+    ("connected", "connecting", "active"),
+    ("remove", "active", "dead"),
+    ("rediscover", "dead", "discovered"),
+    ("connect", "discovered", "connecting"),
+    ("connected", "connecting", "active"),
+]
+"""(event, from, to) of an instance removed because its directory turned unsafe, then fixed."""
+
+
+def assert_back_for_the_refusal(removed: str, back: str) -> None:
+    """The reasons recorded for `remove` and for the `rediscover` after the directory was fixed."""
+    assert (
+        removed.startswith("instances directory refused: ")
+        and "writable by every user (mode 0777)" in removed
+    )
+    assert back == f"announcement usable again (was {removed})"

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.discovery.announcements import REMOVED_AND_BACK, assert_back_for_the_refusal
 from tests.e2e.lab import FSM_HUB, Lab, eventually, transitions
+from tests.servers.faults import free_port
 from tests.servers.launch import stop
 
 pytestmark = pytest.mark.e2e
@@ -32,12 +34,6 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     lab.instances_dir.mkdir(mode=0o700)
     yield lab
     stop(lab.processes)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class HubProcess:
@@ -144,15 +140,6 @@ async def test_a_directory_made_world_writable_then_fixed_brings_the_instance_ba
         assert running.said("instances directory refused"), running.lines
 
     history = transitions(lab, "web")
-    assert [t[:3] for t in history] == [
-        ("connect", "discovered", "connecting"),
-        ("connected", "connecting", "active"),
-        ("remove", "active", "dead"),
-        ("rediscover", "dead", "discovered"),
-        ("connect", "discovered", "connecting"),
-        ("connected", "connecting", "active"),
-    ]
-    refusal = history[2][3]
-    assert refusal.startswith("instances directory refused: ") and "writable by every user" in refusal
-    assert history[3][3] == f"announcement usable again (was {refusal})"
+    assert [t[:3] for t in history] == REMOVED_AND_BACK
+    assert_back_for_the_refusal(history[2][3], history[3][3])
     assert os.stat(lab.instances_dir).st_mode & 0o777 == 0o700

@@ -65,13 +65,6 @@ async def next_batch(changes: AsyncGenerator[list[Change], None]) -> list[Change
 
 
 @pytest.fixture
-def instances(tmp_path: Path) -> Path:
-    directory = tmp_path / "instances"
-    directory.mkdir(mode=0o700)
-    return directory
-
-
-@pytest.fixture
 def warnings() -> Warnings:
     return Warnings()
 

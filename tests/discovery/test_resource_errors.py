@@ -8,22 +8,32 @@ also produced for real in a child process with a low RLIMIT_NOFILE.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fsm_hub.discovery.directory import Discovery, Found, Gone
+from fsm_hub.store.sqlite import EventStore
 from fsm_hub.supervision.hub import Hub
-from tests.discovery.announcements import IS_ROOT, NOBODY, Warnings, announce
-from tests.live_hub import LiveHub, until
+from tests.discovery.announcements import (
+    IS_ROOT,
+    NOBODY,
+    REMOVED_AND_BACK,
+    Warnings,
+    announce,
+    assert_back_for_the_refusal,
+)
+from tests.live_hub import FAST, LiveHub, until
 
 LOCAL_ERRORS = [errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.ENOBUFS]
 
@@ -44,13 +54,6 @@ class FailingScandir:
             if self.failing:
                 raise OSError(self.code, os.strerror(self.code), str(path))
         return self._real(path)
-
-
-@pytest.fixture
-def instances(tmp_path: Path) -> Path:
-    directory = tmp_path / "instances"
-    directory.mkdir(mode=0o700)
-    return directory
 
 
 @pytest.fixture
@@ -239,6 +242,17 @@ def test_an_unreadable_directory_then_readable_brings_its_announcements_back(ins
 # --- through a live hub: what is recorded ----------------------------------------------------
 
 
+async def recorded_active(live: LiveHub, stream: str) -> None:
+    """Until the log (not only the supervisor) says `stream` is active: bounded, no fixed sleep."""
+    await live.reach(stream, "active")
+    for _ in range(1000):
+        recorded = await transitions(live, stream)
+        if recorded and recorded[-1][2] == "active":
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{stream} never recorded active")
+
+
 async def transitions(live: LiveHub, stream: str) -> list[tuple[str, str, str, str]]:
     return [
         (e.data["event"], e.data["from"], e.data["to"], e.data["reason"])
@@ -254,7 +268,7 @@ async def test_a_hub_records_nothing_for_a_healthy_instance_while_the_directory_
     live: LiveHub = await live_hub()
     fake = await fake_mcp()
     live.announce("a", fake.url)
-    await live.reach("a", "active")
+    await recorded_active(live, "a")
     before = await transitions(live, "a")
 
     failing = FailingScandir(live.instances_dir, code)
@@ -275,102 +289,83 @@ async def test_a_hub_brings_back_an_instance_removed_for_an_unsafe_directory(
     live: LiveHub = await live_hub()
     fake = await fake_mcp()
     live.announce("a", fake.url)
-    await live.reach("a", "active")
+    await recorded_active(live, "a")
 
     live.instances_dir.chmod(0o777)
     await live.reach("a", "dead")
     live.instances_dir.chmod(0o700)
-    await live.reach("a", "active")
+    await recorded_active(live, "a")
 
     recorded = await transitions(live, "a")
+    assert [t[:3] for t in recorded] == REMOVED_AND_BACK
+    assert_back_for_the_refusal(recorded[2][3], recorded[3][3])
+
+
+@dataclass
+class Restart:
+    """A hub that had `a` (a real in-process MCP server) active, stopped; `again()` starts a new
+    hub on the same log and directory, with a discovery that reports to `warnings`."""
+
+    live: LiveHub
+    warnings: Warnings
+
+    async def again(self) -> LiveHub:
+        discovery = Discovery(
+            self.live.instances_dir, use_watcher=False, poll_interval=0.02, warn=self.warnings
+        )
+        self.live.hub = Hub(self.live.store, discovery, timing=FAST)
+        await self.live.hub.start()
+        return self.live
+
+
+@pytest.fixture
+async def restart(instances: Path, tmp_path: Path, fake_mcp: Any) -> AsyncIterator[Restart]:
+    fake = await fake_mcp()
+    store = await EventStore.open(tmp_path / "events.db")
+    restart = Restart(
+        LiveHub(Hub(store, Discovery(instances, warn=Warnings()), timing=FAST), store, instances), Warnings()
+    )
+    restart.live.announce("a", fake.url)
+    await restart.live.hub.start()
+    await recorded_active(restart.live, "a")
+    await restart.live.hub.stop("restart")
+    yield restart
+    await restart.live.hub.stop("test over")
+    await store.close()
+
+
+async def test_a_hub_started_while_the_directory_fails_removes_nothing(
+    restart: Restart, instances: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log says `a` is active; the hub restarts out of descriptors: `a` is not missing."""
+    failing = FailingScandir(instances, errno.EMFILE)
+    monkeypatch.setattr(os, "scandir", failing)
+    live = await restart.again()
+    await recorded_active(live, "a")
+    await until(lambda: failing.looks >= 3, 5, "three failed looks")
+    failing.failing = False
+    await until(lambda: any("readable again" in w for w in restart.warnings), 5, "a good look")
+    looks = failing.looks
+    await until(lambda: failing.looks >= looks + 2, 5, "two more looks")
+    assert live.hub.state("a") == "active"
+    events = [t[0] for t in await transitions(live, "a")]
+    assert "remove" not in events and events[-1] == "connected"
+
+
+async def test_a_hub_started_on_an_unsafe_directory_brings_its_instances_back_once_fixed(
+    restart: Restart, instances: Path
+) -> None:
+    os.chmod(instances, 0o777)
+    live = await restart.again()
+    await live.reach("a", "dead")
+    os.chmod(instances, 0o700)
+    await recorded_active(live, "a")
+    recorded = (await transitions(live, "a"))[2:]
     assert [t[:3] for t in recorded] == [
-        ("connect", "discovered", "connecting"),
-        ("connected", "connecting", "active"),
-        ("remove", "active", "dead"),
+        ("rediscover", "active", "discovered"),
+        ("remove", "discovered", "dead"),
         ("rediscover", "dead", "discovered"),
         ("connect", "discovered", "connecting"),
         ("connected", "connecting", "active"),
     ]
-    refused = recorded[2][3]
-    assert refused.startswith("instances directory refused: ") and "mode 0777" in refused
-    assert recorded[3][3] == f"announcement usable again (was {refused})"
-
-
-async def test_a_hub_started_while_the_directory_fails_removes_nothing(
-    tmp_path: Path, fake_mcp: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The log says `a` is active; the hub restarts out of descriptors: `a` is not missing."""
-    from fsm_hub.store.sqlite import EventStore
-    from tests.live_hub import FAST
-
-    instances = tmp_path / "instances"
-    instances.mkdir(mode=0o700)
-    fake = await fake_mcp()
-    store = await EventStore.open(tmp_path / "events.db")
-    try:
-        quiet = Discovery(instances, use_watcher=False, poll_interval=0.02, warn=Warnings())
-        live = LiveHub(Hub(store, quiet, timing=FAST), store, instances)
-        live.announce("a", fake.url)
-        await live.hub.start()
-        await live.reach("a", "active")
-        await live.hub.stop("restart")
-
-        failing = FailingScandir(instances, errno.EMFILE)
-        monkeypatch.setattr(os, "scandir", failing)
-        warnings = Warnings()
-        failing_discovery = Discovery(instances, use_watcher=False, poll_interval=0.02, warn=warnings)
-        live.hub = Hub(store, failing_discovery, timing=FAST)
-        await live.hub.start()
-        await live.reach("a", "active")
-        await until(lambda: failing.looks >= 3, 5, "three failed looks")
-        failing.failing = False
-        await until(lambda: any("readable again" in w for w in warnings), 5, "a good look")
-        looks = failing.looks
-        await until(lambda: failing.looks >= looks + 2, 5, "two more looks")
-        assert live.hub.state("a") == "active"
-        events = [t[0] for t in await transitions(live, "a")]
-        assert "remove" not in events and events[-1] == "connected"
-        await live.hub.stop("test over")
-    finally:
-        await store.close()
-
-
-async def test_a_hub_started_on_an_unsafe_directory_brings_its_instances_back_once_fixed(
-    tmp_path: Path, fake_mcp: Any
-) -> None:
-    from fsm_hub.store.sqlite import EventStore
-    from tests.live_hub import FAST
-
-    instances = tmp_path / "instances"
-    instances.mkdir(mode=0o700)
-    fake = await fake_mcp()
-    store = await EventStore.open(tmp_path / "events.db")
-    try:
-        first = Discovery(instances, use_watcher=False, poll_interval=0.02, warn=Warnings())
-        live = LiveHub(Hub(store, first, timing=FAST), store, instances)
-        live.announce("a", fake.url)
-        await live.hub.start()
-        await live.reach("a", "active")
-        await live.hub.stop("restart")
-
-        instances.chmod(0o777)
-        second = Discovery(instances, use_watcher=False, poll_interval=0.02, warn=Warnings())
-        live.hub = Hub(store, second, timing=FAST)
-        await live.hub.start()
-        await live.reach("a", "dead")
-        instances.chmod(0o700)
-        await live.reach("a", "active")
-        recorded = (await transitions(live, "a"))[2:]
-        assert [t[:3] for t in recorded] == [
-            ("rediscover", "active", "discovered"),
-            ("remove", "discovered", "dead"),
-            ("rediscover", "dead", "discovered"),
-            ("connect", "discovered", "connecting"),
-            ("connected", "connecting", "active"),
-        ]
-        refused = recorded[1][3]
-        assert refused.startswith("instances directory refused: ") and "mode 0777" in refused
-        assert recorded[2][3] == f"announcement usable again (was {refused})"
-        await live.hub.stop("test over")
-    finally:
-        await store.close()
+    assert_back_for_the_refusal(recorded[1][3], recorded[2][3])
