@@ -42,6 +42,10 @@ RELAY_POLL = 0.2
 """Seconds between an attached `serve --http`'s looks at whether the log's owner is gone."""
 DEFAULT_LIMITS = HttpLimits()
 
+DISCOVERY_HEAD_START = 0.25
+"""Seconds the first look at the instances directory may take before clients are served anyway
+(a small directory is then complete at the first call; a huge one fills in while serving)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ServeOptions:
@@ -74,7 +78,9 @@ class OwnedHub:
         discovery = Discovery(options.instances_dir, allow_remote=options.allow_remote)
         self.hub = Hub(self.store, discovery, timing=options.timing)
         try:
-            await self.hub.start()
+            await self.hub.start(wait_for_discovery=False)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.hub.discovered.wait(), DISCOVERY_HEAD_START)
             if settle:
                 await self.hub.settle(settle)
             token = secrets.token_urlsafe(24)
