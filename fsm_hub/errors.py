@@ -74,3 +74,7 @@ class InvalidAnnouncement(DiscoveryError):
 
 class RefusedAnnouncement(DiscoveryError):
     """Well-formed, but using it would be unsafe (foreign owner, symlink, size, remote host)."""
+
+
+class NoEventLog(StoreError):
+    """A reading command was pointed at a log that does not exist (only `serve` creates one)."""

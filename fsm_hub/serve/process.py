@@ -20,6 +20,7 @@ from typing import Any
 from fsm_hub.discovery.directory import Discovery, process_is_running
 from fsm_hub.errors import FsmHubError
 from fsm_hub.mcp.session import INTERNAL_ERROR, Session, error_response, parse_error
+from fsm_hub.observe import banner
 from fsm_hub.serve.bridge import Bridge, OwnerGone
 from fsm_hub.serve.ownership import Owner, Ownership
 from fsm_hub.store.sqlite import EventStore
@@ -72,7 +73,7 @@ class OwnedHub:
                 public = HttpEndpoint(self.hub, *options.http)
                 self.endpoints.append(public)
                 url = await public.start()
-                log.warning("fsm-hub: serving MCP over Streamable HTTP at %s", url)
+                log.info("fsm-hub: serving MCP over Streamable HTTP at %s", url)
         except asyncio.CancelledError:
             await self.stop("stopped while starting")
             raise
@@ -105,6 +106,7 @@ async def serve(options: ServeOptions) -> int:
     if ownership.try_acquire():
         owned = OwnedHub(options, ownership)
         hub = await owned.start()
+        banner.owner(options, owned)
         if channel is None:
             await stop.wait()
             await owned.stop("signal")
@@ -192,6 +194,7 @@ async def _attach(
     owner = await _wait_for_owner(ownership)
     if owner is None:
         return await _take_over_or_fail(channel, options, ownership, stop, set())
+    banner.attached(options, owner)
     tasks: set[asyncio.Task[Any]] = set()
     state: dict[str, Any] = {"owned": None, "session": None}
     failover_lock = asyncio.Lock()
@@ -308,4 +311,5 @@ async def _take_over_or_fail(
         raise FsmHubError(f"another fsm-hub holds {ownership.lock_path} but advertises no endpoint")
     owned = OwnedHub(options, ownership)
     hub = await owned.start()
+    banner.owner(options, owned)
     return await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop, tasks)

@@ -219,7 +219,8 @@ class Hub:
             announcement.directory,
             announcement.evidence(),
         ):
-            await self.store.append(announcement.id, EventType.INSTANCE_UPDATED, data)
+            changed = {k: v for k, v in data.items() if getattr(known, k) != v}  # fold keeps the rest
+            await self.store.append(announcement.id, EventType.INSTANCE_UPDATED, changed)
         if evidence(known) == announcement.evidence():
             return
         existing = self._supervisors.get(announcement.id)
