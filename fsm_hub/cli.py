@@ -392,6 +392,137 @@ def replay(
     run(check)
 
 
+@command()
+def timeline(
+    refs: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[INSTANCE]...", help="Instances to show (default: all).", show_default=False),
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", metavar="TIME", help="Start at TIME (ISO 8601, or 10m, 2h, 3d).")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", metavar="FILE", help="Write an .svg or .html file instead of text."),
+    ] = None,
+    db: DbOption = None,
+) -> None:
+    """Each instance's life as swimlanes of state over time (text, or SVG / HTML with --out)."""
+    from fsm_hub.observe import timeline as render
+    from fsm_hub.observe.status import running_owner
+
+    start = _moment("--since", since)
+    if out is not None and out.suffix.lower() not in (".svg", ".html", ".htm"):
+        raise fail(f"--out: {out} must end in .svg or .html")
+
+    def show() -> None:
+        with open_log(db) as log:
+            streams = {log.resolve(ref) for ref in refs} if refs else None
+            everything = list(log.events())
+        events = [e for e in everything if streams is None or e.stream in streams]
+        # With no hub running, nothing is known after the last event: the lanes end there.
+        live = running_owner(db_path(db)) is not None
+        until = tables.now() if live or not everything else parse_time(everything[-1].at)
+        lanes = render.lanes(events, until=until, since=start)
+        if out is None:
+            typer.echo(render.text(lanes, colour=tables.colour_enabled()))
+            return
+        document = render.svg(lanes) if out.suffix.lower() == ".svg" else render.html(lanes)
+        out.write_text(document, encoding="utf-8")
+        typer.echo(f"wrote {out} ({len(lanes)} lane{'s' if len(lanes) != 1 else ''})")
+
+    run(show)
+
+
+InstancesDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--instances-dir",
+        metavar="DIR",
+        help="Where instance files go (default: as for serve).",
+        show_default=False,
+    ),
+]
+
+
+def _announce(
+    name: str, port: int, url: str | None, pid: int | None, instances_dir: Path | None, allow_remote: bool
+) -> Path:
+    import os
+
+    from fsm_hub.discovery.directory import default_instances_dir
+    from fsm_hub.observe.announce import instance_document, new_id, write_instance_file
+
+    if not 1 <= port <= 65535:
+        raise fail(f"--port must be in 1..65535, not {port}")
+    document = instance_document(
+        name, port, url=url, pid=pid, directory=os.getcwd(), instance_id=new_id(name)
+    )
+    directory = instances_dir if instances_dir is not None else default_instances_dir()
+    return run(lambda: write_instance_file(directory, document, allow_remote=allow_remote))
+
+
+PortOption = Annotated[int, typer.Option("--port", metavar="PORT", help="The port the server listens on.")]
+UrlOption = Annotated[
+    str | None,
+    typer.Option("--url", metavar="URL", help="Its MCP endpoint (default: http://127.0.0.1:PORT/mcp)."),
+]
+RemoteOption = Annotated[
+    bool, typer.Option("--allow-remote", help="Allow a URL on a non-loopback host.")
+]
+
+
+@command()
+def announce(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The instance's name.")],
+    port: PortOption,
+    url: UrlOption = None,
+    pid: Annotated[
+        int | None,
+        typer.Option("--pid", metavar="PID", min=1, help="Its process id: the hub removes it when it exits."),
+    ] = None,
+    instances_dir: InstancesDirOption = None,
+    allow_remote: RemoteOption = False,
+) -> None:
+    """Write an instance file for any MCP server (not only brummer's); prints its path."""
+    typer.echo(str(_announce(name, port, url, pid, instances_dir, allow_remote)))
+
+
+@command(name="run")
+def run_(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The instance's name.")],
+    cmd: Annotated[list[str], typer.Argument(metavar="CMD [ARGS]...", help="The server to start.")],
+    port: PortOption,
+    url: UrlOption = None,
+    instances_dir: InstancesDirOption = None,
+    allow_remote: RemoteOption = False,
+) -> None:
+    """Start CMD, announce it with its pid, remove the file when it exits; exit with its code."""
+    import subprocess
+
+    try:
+        child = subprocess.Popen(cmd)
+    except OSError as exc:
+        raise fail(f"cannot start {cmd[0]}: {exc.strerror or exc}") from None
+    try:
+        path = _announce(name, port, url, child.pid, instances_dir, allow_remote)
+    except typer.Exit:
+        child.terminate()
+        child.wait()
+        raise
+
+    def forward(signum: int, frame: object) -> None:
+        child.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
+    try:
+        code = child.wait()
+    finally:
+        path.unlink(missing_ok=True)
+    raise typer.Exit(code if code >= 0 else 128 - code)
+
+
 class DiagramFormat(StrEnum):
     mermaid = "mermaid"
     dot = "dot"
