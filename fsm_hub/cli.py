@@ -497,13 +497,18 @@ def run_(
     instances_dir: InstancesDirOption = None,
     allow_remote: RemoteOption = False,
 ) -> None:
-    """Start CMD, announce it with its pid, remove the file when it exits; exit with its code."""
+    """Start CMD, announce it with its pid once it listens, remove the file when it exits.
+
+    Exits with CMD's exit code (128 + N if a signal N ended it)."""
     import subprocess
 
     try:
         child = subprocess.Popen(cmd)
     except OSError as exc:
         raise fail(f"cannot start {cmd[0]}: {exc.strerror or exc}") from None
+    if not _listening(child, url or f"http://127.0.0.1:{port}/"):
+        code = child.wait()
+        raise typer.Exit(code if code >= 0 else 128 - code)
     try:
         path = _announce(name, port, url, child.pid, instances_dir, allow_remote)
     except typer.Exit:
@@ -521,6 +526,29 @@ def run_(
     finally:
         path.unlink(missing_ok=True)
     raise typer.Exit(code if code >= 0 else 128 - code)
+
+
+def _listening(child: Any, url: str, limit: float = 60.0) -> bool:
+    """Wait until CMD accepts connections (announced earlier, the hub would burn its retries
+    on a server still starting); False if CMD exits first."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    address = (parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80))
+    deadline = time.monotonic() + limit
+    while child.poll() is None:
+        try:
+            socket.create_connection(address, timeout=0.2).close()
+            return True
+        except OSError:
+            if time.monotonic() > deadline:
+                typer.echo(f"fsm-hub: {address[0]}:{address[1]} is not accepting connections yet;"
+                           " announcing anyway", err=True)
+                return True
+            time.sleep(0.05)
+    return False
 
 
 class DiagramFormat(StrEnum):

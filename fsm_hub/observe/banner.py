@@ -52,7 +52,9 @@ def _emit(block: list[str]) -> None:
 
 def owner(options: ServeOptions, owned: OwnedHub) -> None:
     """This process owns the log: it supervises and serves."""
-    public = [e.url for e in owned.endpoints if e.token is None]
+    public = [
+        f"{e.url} (dashboard at {e.url.removesuffix('/mcp')}/)" for e in owned.endpoints if e.token is None
+    ]
     refused = owned.hub.discovery.refused if owned.hub is not None else None
     _emit(lines(options, role="owns the log (supervising)", endpoints=public, refused=refused))
 

@@ -29,6 +29,7 @@ from fsm_hub.mcp.session import (
     request_emit,
 )
 from fsm_hub.supervision.hub import Hub
+from fsm_hub.transports.dashboard import Dashboard
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class HttpEndpoint:
         app.router.add_post("/mcp", self._post)
         app.router.add_get("/mcp", self._get)
         app.router.add_delete("/mcp", self._delete)
+        if self.token is None:  # the public endpoint also serves the dashboard at /
+            Dashboard(self.hub, self._refusal).register(app)
         # Stopping closes every session (cancelling its handlers) before the runner: what is
         # left is idle keep-alive connections, which must not hold the hub's exit (and with it
         # the log's lock, which an attached process is waiting to take over) for aiohttp's 60 s.
