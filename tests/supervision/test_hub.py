@@ -393,3 +393,20 @@ async def test_stop_leaves_no_task_socket_or_session(
         running.stopped = True
     finally:
         await hang.stop()
+
+
+async def test_instance_updated_records_only_what_changed_and_the_fold_keeps_the_rest(
+    lab: Lab, start_hub: Callable[..., Awaitable[Running]], fake_mcp: FakeFactory
+) -> None:
+    fake = await fake_mcp()
+    lab.announce("api", port_of(fake.url), name="api")
+    running = await start_hub()
+    await running.settle(api="active")
+    lab.announce("api", port_of(fake.url), name="renamed")  # same port, pid and url: no reconnect
+    running.poll.tick()
+    await eventually(lambda: any(e.type == "instance_updated" for e in running.committed.events))
+    [updated] = [e for e in running.committed.events if e.type == "instance_updated"]
+    assert updated.data == {"name": "renamed"}
+    instance = running.hub.view.instances["api"]
+    assert (instance.name, instance.port, instance.directory, instance.state) == (
+        "renamed", port_of(fake.url), str(lab.root), "active")
