@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from fsm_hub import __version__
-from fsm_hub.core.display import redact_url, shown
+from fsm_hub.core.display import redact, redact_url, shown
 from fsm_hub.core.events import HUB_STREAM, StoredEvent, parse_time
 from fsm_hub.core.view import InstanceView, View, fold
 from fsm_hub.errors import FsmHubError, NoEventLog
@@ -210,7 +210,7 @@ def history(
             _follow(db, stream, last_seq, names, as_json)
             return
         if as_json:
-            typer.echo(json.dumps([e.to_json() for e in events], indent=2, ensure_ascii=False))
+            typer.echo(json.dumps(redact([e.to_json() for e in events]), indent=2, ensure_ascii=False))
             return
         if not events:
             typer.echo("no events recorded" + (" in that span" if start or end else " yet"))
@@ -232,7 +232,7 @@ def _last_seq(db: Path | None) -> int:
 def _print_followed(events: Iterable[StoredEvent], names: dict[str, str] | None, as_json: bool) -> None:
     for event in events:
         if as_json:
-            typer.echo(json.dumps(event.to_json(), ensure_ascii=False))
+            typer.echo(json.dumps(redact(event.to_json()), ensure_ascii=False))
         else:
             typer.echo("  ".join(shown(cell) for cell in _history_row(event, names) if cell))
 
@@ -286,7 +286,7 @@ def instances(
             run_ = latest_run(hub_events, last[-1].at if last else None)
             typer.echo(f"fsm-hub: {stopped_note(run_)}", err=True)
         if as_json:
-            typer.echo(json.dumps([i.to_json() for i in listed], indent=2, ensure_ascii=False))
+            typer.echo(json.dumps(redact([i.to_json() for i in listed]), indent=2, ensure_ascii=False))
             return
         if not listed:
             typer.echo("no instances yet — `fsm-hub serve` discovers them in the instances directory"
@@ -330,7 +330,7 @@ def status(as_json: JsonOption = False, db: DbOption = None) -> None:
             last = list(log.events(last=1))
         facts = gather(path, view, latest_run(hub_events, last[-1].at if last else None), running_owner(path))
         if as_json:
-            typer.echo(json.dumps(facts, indent=2, ensure_ascii=False))
+            typer.echo(json.dumps(redact(facts), indent=2, ensure_ascii=False))
             return
         typer.echo(_status_text(facts))
 

@@ -66,7 +66,7 @@ def evidence(instance: InstanceView) -> tuple[int | None, int | None, str | None
 
 def what_changed(before: InstanceView, after: Announcement) -> str:
     changes = [
-        f"{name} {old} → {new}"
+        _change(name, old, new)
         for name, old, new in (
             ("port", before.port, after.port),
             ("pid", before.pid, after.pid),
@@ -75,6 +75,15 @@ def what_changed(before: InstanceView, after: Announcement) -> str:
         if old != new
     ]
     return "re-announced: " + ", ".join(changes)
+
+
+def _change(name: str, old: object, new: object) -> str:
+    """`pid 1 → 2`; an unknown side is left out rather than shown as `None`."""
+    if old is None:
+        return f"{name} {new} (not announced before)"
+    if new is None:
+        return f"{name} {old} no longer announced"
+    return f"{name} {old} → {new}"
 
 
 class Hub:

@@ -122,8 +122,8 @@ class Dashboard:
                     "instances": [view.instances[i].to_json() for i in changed],
                     "last_seq": view.last_seq,
                 }))
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            pass  # the page went away
         finally:
             self._streams.discard(queue)
         return response

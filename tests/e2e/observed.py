@@ -16,6 +16,17 @@ from tests.e2e.lab import FAST, FSM_HUB, Lab
 from tests.servers.faults import free_port
 
 
+def wait_until(check: Callable[[], Any], timeout: float = 15.0, poll: float = 0.05) -> Any:
+    """Poll `check` until it returns something truthy; bounded, for real processes only."""
+    deadline = time.monotonic() + timeout
+    while True:
+        outcome = check()
+        if outcome:
+            return outcome
+        assert time.monotonic() < deadline, f"not reached within {timeout}s"
+        time.sleep(poll)
+
+
 @dataclass
 class Lines:
     """The lines a process writes to one pipe, collected by a thread."""

@@ -15,7 +15,7 @@ import pytest
 from fsm_hub.core.events import parse_time
 from tests.e2e.browser import MISSING, chromium
 from tests.e2e.lab import Lab
-from tests.e2e.observed import served_hub
+from tests.e2e.observed import served_hub, wait_until
 
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
@@ -28,34 +28,24 @@ def page_state(driver, instance_id: str) -> str | None:  # type: ignore[no-untyp
     return value if isinstance(value, str) else None
 
 
-def wait(check, timeout: float):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        outcome = check()
-        if outcome:
-            return outcome
-        assert time.monotonic() < deadline, f"not reached within {timeout}s"
-        time.sleep(0.02)
-
-
 def test_the_dashboard_follows_an_instance_from_active_to_retrying(lab: Lab, tmp_path: Path) -> None:
     web = lab.start("00aa11bb22cc33dd", "web")
     with served_hub(lab) as hub, chromium(tmp_path / "profile") as driver:
         driver.get(f"{hub.url}/")
         assert driver.title == "fsm-hub"
-        wait(lambda: page_state(driver, web.id) == "active", 20)
+        wait_until(lambda: page_state(driver, web.id) == "active", 20, 0.02)
         assert "web" in driver.find_element("css selector", f"tr[data-id='{web.id}']").text
         driver.find_element("css selector", f"tr[data-id='{web.id}']").click()
-        wait(lambda: "connecting → active" in driver.find_element("id", "history").text, 10)
+        wait_until(lambda: "connecting → active" in driver.find_element("id", "history").text, 10, 0.02)
         assert driver.execute_script("return document.querySelectorAll('#timeline svg g.lane').length") == 1
 
         os.kill(web.process.pid, signal.SIGSTOP)  # alive but silent: pings fail, it is lost
-        wait(lambda: page_state(driver, web.id) == "retrying", 20)
+        wait_until(lambda: page_state(driver, web.id) == "retrying", 20, 0.02)
         seen_at = time.time()
         events = json.loads(lab.cli("history", web.id, "--json").stdout)
         lost = next(e for e in events if e["type"] == "transition" and e["data"]["event"] == "lost")
         assert seen_at - parse_time(lost["at"]).timestamp() < 2.0
-        wait(lambda: "active → retrying" in driver.find_element("id", "history").text, 5)
+        wait_until(lambda: "active → retrying" in driver.find_element("id", "history").text, 5, 0.02)
         os.kill(web.process.pid, signal.SIGCONT)
 
 

@@ -12,19 +12,9 @@ from pathlib import Path
 
 from fsm_hub import __version__
 from tests.e2e.lab import FSM_HUB, Lab
-from tests.e2e.observed import Lines, served_hub
+from tests.e2e.observed import Lines, served_hub, wait_until
 from tests.servers.faults import free_port
 from tests.servers.launch import REPO_ROOT
-
-
-def wait_until(check, timeout: float = 15.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        outcome = check()
-        if outcome:
-            return outcome
-        assert time.monotonic() < deadline, f"not reached within {timeout}s"
-        time.sleep(0.05)
 
 
 def state_of(lab: Lab, name: str) -> str | None:
