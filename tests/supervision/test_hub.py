@@ -196,7 +196,7 @@ async def test_instances_come_up_and_a_killed_one_dies_then_returns_on_a_new_por
     assert await transitions(running.store, "web") == [*CONNECT, ("remove", "active", "dead")]
     assert (await transition_data(running.store, "web"))[-1]["reason"] == gone
     history = cli("history", "web", "--db", lab.db)
-    assert [line.split("  ")[1].split()[:4] for line in history.splitlines()[2:]] == [
+    assert [line.split(")  ", 1)[1].split()[:4] for line in history.splitlines()[2:]] == [
         ["connect", "discovered", "→", "connecting"],
         ["connected", "connecting", "→", "active"],
         ["remove", "active", "→", "dead"],
