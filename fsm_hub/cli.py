@@ -342,7 +342,10 @@ def _status_text(facts: dict[str, Any]) -> str:
     if hub["running"]:
         line = f"hub:        running, pid {hub['pid']}, since {when(hub['since'])}" if hub["since"] else (
             f"hub:        running, pid {hub['pid']}")
-        lines = [line, f"endpoint:   {hub['endpoint']} (private, for attaching processes)"]
+        lines = [line, f"serves:     {', '.join(hub['serves']) or 'no client endpoint (supervising only)'}",
+                 f"private:    {hub['endpoint']} (for attaching processes)"]
+        attached = [f"pid {p['pid']} since {when(p['since'])}" for p in hub["attached"]]
+        lines.append(f"attached:   {'; '.join(attached) if attached else 'no other process'}")
     elif hub["last_started_at"] is None:
         lines = ["hub:        not running (none has run on this log)"]
     elif hub["last_stopped_at"]:

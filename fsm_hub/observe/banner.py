@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from fsm_hub import __version__
 from fsm_hub.core.display import shown
+from fsm_hub.observe import presence
 
 if TYPE_CHECKING:
     from fsm_hub.serve.ownership import Owner
@@ -51,15 +52,16 @@ def _emit(block: list[str]) -> None:
 
 
 def owner(options: ServeOptions, owned: OwnedHub) -> None:
-    """This process owns the log: it supervises and serves."""
-    public = [
-        f"{e.url} (dashboard at {e.url.removesuffix('/mcp')}/)" for e in owned.endpoints if e.token is None
-    ]
+    """This process owns the log: say so on stderr and to `fsm-hub status` (`<db>.serving/`)."""
+    urls = [e.url for e in owned.endpoints if e.token is None]
+    public = [f"{url} (dashboard at {url.removesuffix('/mcp')}/)" for url in urls]
     refused = owned.hub.discovery.refused if owned.hub is not None else None
     _emit(lines(options, role="owns the log (supervising)", endpoints=public, refused=refused))
+    presence.record(options.db, (["stdio"] if options.mcp else []) + urls)
 
 
 def attached(options: ServeOptions, to: Owner) -> None:
     """Another process owns the log; this one relays its stdio client there."""
     role = f"attached to the owning hub, pid {to.pid} (takes over if it exits)"
     _emit(lines(options, role=role, endpoints=[]))
+    presence.record(options.db, ["stdio"])

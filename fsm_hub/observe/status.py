@@ -14,6 +14,7 @@ from typing import Any
 from fsm_hub.core.events import EventType, StoredEvent
 from fsm_hub.core.view import View
 from fsm_hub.discovery.directory import process_is_running
+from fsm_hub.observe.presence import serving
 from fsm_hub.serve.ownership import Owner, Ownership
 
 
@@ -88,12 +89,16 @@ def head_hash(db: Path) -> str | None:
 def status(db: Path, view: View, run: HubRun, owner: Owner | None) -> dict[str, Any]:
     """The `fsm-hub status --json` document."""
     size = sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
+    processes = serving(db) if owner is not None else []
+    mine = next((p for p in processes if owner is not None and p.pid == owner.pid), None)
     return {
         "hub": {
             "running": owner is not None,
             "pid": owner.pid if owner else None,
             "since": run.started_at if owner else None,
             "endpoint": owner.url if owner else None,
+            "serves": list(mine.endpoints) if mine else [],
+            "attached": [p.to_json() for p in processes if owner is not None and p.pid != owner.pid],
             "version": run.version,
             "instances_dir": run.instances_dir,
             "last_pid": run.pid,

@@ -51,8 +51,26 @@ def test_status_with_and_without_a_hub_and_instances_after_a_stop(lab: Lab) -> N
         assert running["hub"]["pid"] == hub.process.pid
         assert running["instances"] == {"total": 1, "by_state": {"active": 1}}
         assert running["log"]["path"] == str(lab.db) and running["log"]["events"] >= 4
-        text = lab.cli("status")
-        assert text.stdout.startswith(f"hub:        running, pid {hub.process.pid}, since ")
+        assert running["hub"]["serves"] == [f"{hub.url}/mcp"] and running["hub"]["attached"] == []
+        attached = subprocess.Popen(
+            [FSM_HUB, "serve", "--mcp", "--db", str(lab.db), "--instances-dir", str(lab.instances_dir)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            Lines(attached.stderr).wait_for(
+                lambda line: line == f"  role:       attached to the owning hub, pid {hub.process.pid}"
+                " (takes over if it exits)")
+            both = json.loads(lab.cli("status", "--json").stdout)["hub"]
+            assert [p["pid"] for p in both["attached"]] == [attached.pid]
+            text = lab.cli("status").stdout.splitlines()
+            assert text[0].startswith(f"hub:        running, pid {hub.process.pid}, since ")
+            assert text[1] == f"serves:     {hub.url}/mcp"
+            assert text[3].startswith(f"attached:   pid {attached.pid} since ")
+        finally:
+            assert attached.stdin is not None
+            attached.stdin.close()
+            assert attached.wait(timeout=15) == 0
+        assert json.loads(lab.cli("status", "--json").stdout)["hub"]["attached"] == []
         listed = lab.cli("instances")
         assert listed.stderr == "" and "web" in listed.stdout
         assert hub.stop() == 0
