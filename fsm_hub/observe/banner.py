@@ -38,10 +38,12 @@ def lines(
     refused: str | None = None,
 ) -> list[str]:
     served = (["stdio"] if options.mcp else []) + endpoints
+    config = getattr(options, "config", None)  # once configured servers land
     return [
         f"fsm-hub {__version__} (pid {os.getpid()})",
         f"  log:        {options.db}",
         f"  instances:  {shown(_directory(options, refused))}",
+        *([f"  config:     {config}"] if config else []),
         f"  serving:    {', '.join(served) if served else 'no client endpoint (supervising only)'}",
         f"  role:       {role}",
     ]

@@ -60,6 +60,19 @@ class Lines:
                 return line
 
 
+    def rest(self, timeout: float = 15.0) -> list[str]:
+        """Every line up to the end of the stream (the process must be exiting)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty as exc:
+                raise AssertionError(f"stream still open after {timeout}s") from exc
+            if line is None:
+                return self.seen
+            self.seen.append(line)
+
+
 @dataclass
 class ServedHub:
     process: subprocess.Popen[str]

@@ -34,12 +34,21 @@ def test_the_banner_says_what_this_process_is(lab: Lab, tmp_path: Path) -> None:
         assert hub.stop() == 0
 
 
-def test_quiet_silences_the_banner(lab: Lab) -> None:
-    with served_hub(lab, "--quiet", ready=False) as hub:
-        wait_until(lambda: lab.cli("status", "--json").returncode == 0
-                   and json.loads(lab.cli("status", "--json").stdout)["hub"]["running"])
+def test_the_banner_says_why_a_directory_is_refused(lab: Lab) -> None:
+    lab.instances_dir.chmod(0o777)
+    with served_hub(lab) as hub:
+        [line] = [line for line in hub.stderr.seen if line.startswith("  instances:  ")]
+        assert line.startswith(f"  instances:  {lab.instances_dir} (refused: ")
+        assert line.endswith("; no instances will be discovered)")
         assert hub.stop() == 0
-    assert hub.stderr.seen == [] or all(not line.startswith("fsm-hub 0") for line in hub.stderr.seen)
+
+
+def test_quiet_silences_the_banner_and_log_level_sets_logging(lab: Lab) -> None:
+    with served_hub(lab, "--quiet", "--log-level", "info", ready=False) as hub:
+        line = hub.stderr.wait_for(lambda line: "serving MCP over Streamable HTTP" in line)
+        assert line == f"fsm-hub: serving MCP over Streamable HTTP at {hub.url}/mcp"  # an info message
+        assert hub.stop() == 0
+    assert not any(line.startswith(("fsm-hub 0", "  role:")) for line in hub.stderr.rest())
 
 
 def test_status_with_and_without_a_hub_and_instances_after_a_stop(lab: Lab) -> None:
