@@ -49,6 +49,11 @@ class Dashboard:
         app.router.add_get("/dashboard/events", self._events)
         app.router.add_get("/dashboard/history", self._history)
         app.router.add_get("/dashboard/timeline", self._timeline)
+        app.on_shutdown.append(self._shutdown)
+
+    async def _shutdown(self, app: web.Application) -> None:
+        """End every open stream first, so an open page never holds the hub's exit."""
+        self.close()
 
     def close(self) -> None:
         for queue in list(self._streams):

@@ -69,3 +69,18 @@ def test_the_dashboard_keeps_the_mcp_endpoints_host_and_origin_rules(lab: Lab) -
             csp = response.headers["Content-Security-Policy"]
         assert "default-src 'none'" in csp
         assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page
+
+
+def test_an_open_page_never_holds_the_hubs_exit(lab: Lab) -> None:
+    import http.client
+
+    with served_hub(lab) as hub:
+        connection = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=10)
+        connection.request("GET", "/dashboard/events")
+        response = connection.getresponse()
+        assert response.getheader("Content-Type") == "text/event-stream"
+        assert response.readline() == b"event: snapshot\n"
+        hub.process.send_signal(signal.SIGINT)
+        rest = response.read()  # ended by the hub, cleanly: not cut off when the process exits
+        assert rest.startswith(b"data: ")
+        assert hub.process.wait(timeout=10) == 0
