@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from fsm_hub import __version__
+from fsm_hub.cli_servers import app as servers_app
 from fsm_hub.core.display import redact, redact_url, shown
 from fsm_hub.core.events import HUB_STREAM, StoredEvent, parse_time
 from fsm_hub.core.view import InstanceView, View, fold
@@ -38,6 +39,7 @@ app = typer.Typer(
     add_completion=True,
     pretty_exceptions_enable=False,
 )
+app.add_typer(servers_app, name="servers")
 
 
 @app.callback()
@@ -278,7 +280,7 @@ def instances(
         except ValueError:
             raise fail(f"--at: {at!r} is not an ISO 8601 time") from None
         with open_log(db) as log:
-            view = fold(log.events(until=moment))
+            view = log.fold(until=moment)
             hub_events = list(log.events(stream=HUB_STREAM)) if moment is None else []
             last = list(log.events(last=1))
         listed = sorted(view.instances.values(), key=lambda i: (i.name, i.id))
@@ -370,17 +372,28 @@ def _status_text(facts: dict[str, Any]) -> str:
 @command()
 def replay(
     verify: Annotated[
-        bool, typer.Option("--verify", help="Check every transition and stream; exit 1 if any fail.")
+        bool,
+        typer.Option(
+            "--verify",
+            help="Check every transition and stream, the hash chain and snapshots; exit 1 if any fail.",
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="With --verify: print {ok, events, head_seq, head_hash, problems}.")
     ] = False,
     db: DbOption = None,
 ) -> None:
     """Fold the whole log and print counts per event type and per state."""
-    from fsm_hub.core.audit import audit
 
     def check() -> None:
         with open_log(db) as log:
-            result = audit(log.events())
+            result = log.verify()
         assert result.view is not None
+        if verify and as_json:
+            typer.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+            if result.violation_count:
+                raise typer.Exit(1)
+            return
         typer.echo(f"events: {result.events}")
         typer.echo(table(("TYPE", "COUNT"), sorted((t, str(n)) for t, n in result.by_type.items())))
         states = result.view.count_by_state()
@@ -390,6 +403,8 @@ def replay(
                 typer.echo(f"violation: {violation}", err=True)
             if result.violation_count:
                 raise fail(f"{result.violation_count} violation(s) in {result.events} events")
+            typer.echo(f"head: seq {result.head_seq} hash {result.head_hash or '-'}")
+            typer.echo("hash chain unbroken; every stored snapshot equals the fold at its seq")
             typer.echo("verified: every stream gapless, every transition legal")
 
     run(check)

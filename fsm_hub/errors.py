@@ -23,6 +23,14 @@ class ConcurrencyError(StoreError):
     """An append conflicted with an event already at that stream version."""
 
 
+class LogUnwritable(StoreError):
+    """The event log refused a transition's append even after retries: the hub must not go on."""
+
+
+class SupervisorFailed(FsmHubError):
+    """A supervisor's loop ended with an unexpected error (recorded, and the supervisor restarted)."""
+
+
 class IllegalTransition(FsmHubError):
     """An event was sent that the instance's current state does not allow."""
 
@@ -78,3 +86,11 @@ class RefusedAnnouncement(DiscoveryError):
 
 class NoEventLog(StoreError):
     """A reading command was pointed at a log that does not exist (only `serve` creates one)."""
+
+
+class ConfigError(FsmHubError):
+    """The configured-servers file (`servers.json`) cannot be used as it is."""
+
+
+class RefusedConfig(ConfigError):
+    """Using the config would be unsafe (owned by another user, writable by others)."""

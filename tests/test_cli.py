@@ -12,6 +12,7 @@ from typer.testing import CliRunner, Result
 from fsm_hub.cli import app, main
 from fsm_hub.core.machine import STATES
 from fsm_hub.observe import tables
+from fsm_hub.store.schema import latest_version
 from tests.logs import Sample
 
 HISTORY_KEYS = ["seq", "stream", "version", "type", "at", "data"]
@@ -263,8 +264,8 @@ def test_a_newer_log_is_one_line_on_stderr(sample_log: Sample) -> None:
     db.close()
     result = invoke("instances", "--db", str(sample_log.path))
     assert_one_line_error(
-        result, f"{sample_log.path} has schema version 42, newer than this fsm-hub understands (1);"
-        " upgrade fsm-hub")
+        result, f"{sample_log.path} has schema version 42, newer than this fsm-hub understands"
+        f" ({latest_version()}); upgrade fsm-hub")
 
 
 def test_an_unreadable_log_is_one_line_on_stderr(tmp_path: Path) -> None:
@@ -384,7 +385,9 @@ def test_status_without_a_hub(sample_log: Sample) -> None:
     assert facts["hub"]["running"] is False and facts["hub"]["last_pid"] == 1
     assert facts["instances"] == {"total": 4, "by_state": {"active": 1, "dead": 1, "discovered": 1,
                                                            "retrying": 1}}
-    assert facts["log"]["events"] == 16 and facts["log"]["head_hash"] is None
+    assert facts["log"]["events"] == 16
+    verified = json.loads(invoke("replay", "--verify", "--json", "--db", str(sample_log.path)).stdout)
+    assert facts["log"]["head_hash"] == verified["head_hash"] and len(verified["head_hash"]) == 64
     text = invoke("status", "--db", str(sample_log.path)).stdout.splitlines()
     assert text[0] == "hub:        not running; the last one (pid 1) ended without a stop"
     assert text[1] == "instances:  4 (1 active, 1 dead, 1 discovered, 1 retrying)"

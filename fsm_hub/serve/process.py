@@ -107,11 +107,13 @@ async def serve(options: ServeOptions) -> int:
         owned = OwnedHub(options, ownership)
         hub = await owned.start()
         banner.owner(options, owned)
+        hub.on_failure(lambda _: stop.set())
         if channel is None:
             await stop.wait()
-            await owned.stop("signal")
-            return 0
-        return await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop)
+            await owned.stop("log unwritable" if hub.failure else "signal")
+            return _exit_code(hub)
+        await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop)
+        return _exit_code(hub)
     if channel is None:
         owner = ownership.read()
         who = f" (pid {owner.pid})" if owner else ""
@@ -312,4 +314,13 @@ async def _take_over_or_fail(
     owned = OwnedHub(options, ownership)
     hub = await owned.start()
     banner.owner(options, owned)
-    return await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop, tasks)
+    hub.on_failure(lambda _: stop.set())
+    await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop, tasks)
+    return _exit_code(hub)
+
+
+def _exit_code(hub: Hub) -> int:
+    """0, unless the hub stopped because its log became unwritable: then that is the error."""
+    if hub.failure is not None:
+        raise hub.failure  # the CLI prints it as one line on stderr and exits non-zero
+    return 0
