@@ -21,6 +21,7 @@ from fsm_hub.errors import FsmHubError
 from fsm_hub.mcp import jsonrpc
 from fsm_hub.mcp.jsonrpc import INTERNAL_ERROR, JsonRpcDecodeError, decode_error, error_response, parse_error
 from fsm_hub.mcp.session import Session
+from fsm_hub.observe import banner
 from fsm_hub.serve.attach import AttachMachine
 from fsm_hub.serve.bridge import Bridge, OwnerGone
 from fsm_hub.serve.ownership import Owner, Ownership
@@ -91,7 +92,7 @@ class OwnedHub:
                 public = HttpEndpoint(self.hub, *options.http, limits=options.limits)
                 self.endpoints.append(public)
                 url = await public.start()
-                log.warning("fsm-hub: serving MCP over Streamable HTTP at %s", url)
+                log.info("fsm-hub: serving MCP over Streamable HTTP at %s", url)
         except asyncio.CancelledError:
             await self.stop("stopped while starting")
             raise
@@ -124,6 +125,7 @@ async def serve(options: ServeOptions) -> int:
     if ownership.try_acquire():
         owned = OwnedHub(options, ownership)
         hub = await owned.start()
+        banner.owner(options, owned)
         hub.on_failure(lambda _: stop.set())
         if channel is None:
             await stop.wait()
@@ -258,6 +260,7 @@ async def _attach(
     owner = await _wait_for_owner(ownership)
     if owner is None:
         return await _take_over_or_fail(channel, options, ownership, stop, set())
+    banner.attached(options, owner)
     tasks: set[asyncio.Task[Any]] = set()
     attachment = AttachMachine()
     owned: OwnedHub | None = None
@@ -398,6 +401,7 @@ async def _take_over_or_fail(
         raise FsmHubError(f"another fsm-hub holds {ownership.lock_path} but advertises no endpoint")
     owned = OwnedHub(options, ownership)
     hub = await owned.start()
+    banner.owner(options, owned)
     hub.on_failure(lambda _: stop.set())
     code = await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop, tasks)
     return _exit_code(hub) or code

@@ -71,7 +71,7 @@ def evidence(instance: InstanceView) -> tuple[int | None, int | None, str | None
 
 def what_changed(before: InstanceView, after: Announcement) -> str:
     changes = [
-        f"{name} {old} → {new}"
+        _change(name, old, new)
         for name, old, new in (
             ("port", before.port, after.port),
             ("pid", before.pid, after.pid),
@@ -80,6 +80,15 @@ def what_changed(before: InstanceView, after: Announcement) -> str:
         if old != new
     ]
     return "re-announced: " + ", ".join(changes)
+
+
+def _change(name: str, old: object, new: object) -> str:
+    """`pid 1 → 2`; an unknown side is left out rather than shown as `None`."""
+    if old is None:
+        return f"{name} {new} (not announced before)"
+    if new is None:
+        return f"{name} {old} no longer announced"
+    return f"{name} {old} → {new}"
 
 
 class Hub:
@@ -317,7 +326,8 @@ class Hub:
             announcement.directory,
             announcement.evidence(),
         ):
-            await self.store.append(announcement.id, EventType.INSTANCE_UPDATED, data)
+            changed = {k: v for k, v in data.items() if getattr(known, k) != v}  # fold keeps the rest
+            await self.store.append(announcement.id, EventType.INSTANCE_UPDATED, changed)
         existing = self._supervisors.get(announcement.id)
         if evidence(known) == announcement.evidence():
             if back and existing is not None:  # removed for the refusal: unchanged, so back again
