@@ -57,6 +57,10 @@ class TransportError(FsmHubError):
     """The MCP server could not be reached, timed out, or answered with something unusable."""
 
 
+class LocalResourceError(TransportError):
+    """The hub itself ran out of something (fds, memory, processes): no evidence about the server."""
+
+
 class SessionExpired(TransportError):
     """The MCP server no longer knows our session (404, or a 400 about the session)."""
 

@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from fsm_hub import __version__
-from fsm_hub.errors import McpError, TransportError
+from fsm_hub.errors import LocalResourceError, McpError, TransportError
 from fsm_hub.mcp.jsonrpc import request as _encode
 from fsm_hub.mcp.protocol import LATEST as PROTOCOL_VERSION
 from fsm_hub.mcp.protocol import PROTOCOL_VERSIONS as SUPPORTED_PROTOCOL_VERSIONS
 from fsm_hub.mcp.protocol import as_call_tool_result
-from fsm_hub.mcp.upstream import _result_of, _snippet
+from fsm_hub.mcp.upstream import LOCAL_ERRNOS, _result_of, _snippet
 
 log = logging.getLogger(__name__)
 
@@ -261,9 +261,8 @@ class StdioClient:
             )
         except OSError as exc:
             where = f" in {self._cwd}" if self._cwd and isinstance(exc, FileNotFoundError) else ""
-            raise TransportError(
-                f"cannot start {self.name}: {exc.strerror or exc}: {self.command}{where}"
-            ) from None
+            error = LocalResourceError if exc.errno in LOCAL_ERRNOS else TransportError
+            raise error(f"cannot start {self.name}: {exc.strerror or exc}: {self.command}{where}") from None
         process = self._process
         self.identity = process_identity(process.pid)
         assert process.stdout is not None and process.stderr is not None

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from fsm_hub.errors import FsmHubError, McpError, SessionExpired, TransportError
+from fsm_hub.errors import FsmHubError, LocalResourceError, McpError, SessionExpired, TransportError
 from fsm_hub.mcp import jsonrpc
 from fsm_hub.mcp.jsonrpc import JsonRpcDecodeError, answers
 from fsm_hub.mcp.protocol import (
@@ -366,9 +366,9 @@ class McpClient:
                 raise
             return answer, response.headers.get(SESSION_HEADER)
         except aiohttp.ClientError as exc:
-            raise TransportError(self._describe(exc)) from None
+            raise _transport_error(exc, self._describe(exc)) from None
         except OSError as exc:
-            raise TransportError(f"{self.url}: {exc.strerror or exc}") from None
+            raise _transport_error(exc, f"{self.url}: {exc.strerror or exc}") from None
 
     def _finish_stream(self, response: aiohttp.ClientResponse) -> None:
         """Hand the connection back once the server ends the stream it answered on.
@@ -404,9 +404,9 @@ class McpClient:
                     raise await self._status_error(response)
                 await response.read()  # drained, so the connection is kept alive
         except aiohttp.ClientError as exc:
-            raise TransportError(self._describe(exc)) from None
+            raise _transport_error(exc, self._describe(exc)) from None
         except OSError as exc:
-            raise TransportError(f"{self.url}: {exc.strerror or exc}") from None
+            raise _transport_error(exc, f"{self.url}: {exc.strerror or exc}") from None
 
     async def _status_error(self, response: aiohttp.ClientResponse) -> FsmHubError:
         """The error an HTTP status >= 300 stands for."""
@@ -548,9 +548,9 @@ class McpClient:
                 f"opening the GET stream of {self.url} timed out after {self.timeout:g}s"
             ) from None
         except aiohttp.ClientError as exc:
-            raise TransportError(self._describe(exc)) from None
+            raise _transport_error(exc, self._describe(exc)) from None
         except OSError as exc:
-            raise TransportError(f"{self.url}: {exc.strerror or exc}") from None
+            raise _transport_error(exc, f"{self.url}: {exc.strerror or exc}") from None
         finally:
             self._listening = False
 
@@ -579,6 +579,17 @@ class McpClient:
         if isinstance(exc, aiohttp.ClientOSError) and exc.errno == errno.ECONNRESET:
             return f"{self.url} reset the connection"
         return f"{self.url}: {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+LOCAL_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN})
+"""Failures of the hub's own resources (creating a socket or a process), not of the server."""
+
+
+def _transport_error(exc: OSError | aiohttp.ClientError, detail: str) -> TransportError:
+    """LocalResourceError when the hub ran out of something, TransportError otherwise."""
+    error = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    code = getattr(error, "errno", None)
+    return LocalResourceError(detail) if code in LOCAL_ERRNOS else TransportError(detail)
 
 
 def _result_of(message: dict[str, Any]) -> Any:

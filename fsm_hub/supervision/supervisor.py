@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from fsm_hub.core.machine import InstanceMachine
-from fsm_hub.errors import InstanceUnavailable, LogUnwritable, StoreError, TransportError
+from fsm_hub.errors import (
+    InstanceUnavailable,
+    LocalResourceError,
+    LogUnwritable,
+    StoreError,
+    TransportError,
+)
 from fsm_hub.mcp.protocol import as_call_tool_result
 from fsm_hub.store.recorder import fire
 
@@ -25,6 +31,8 @@ T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
 OnMessage = Callable[[dict[str, Any]], Any]
 TOOLS_CHANGED = "notifications/tools/list_changed"
+LOCAL_BACKOFF = 1.0
+"""Seconds before a ping or connect that failed for lack of the hub's own resources is retried."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +168,8 @@ class Supervisor:
         self._inbox: deque[Command] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._starved = False
+        """A ping or connect failed for lack of our own resources, and none has got through since."""
         machine.add_listener(self)  # type: ignore[no-untyped-call]  # for on_enter_active
 
     # -- outside world ----------------------------------------------------------------------
@@ -267,13 +277,22 @@ class Supervisor:
         except asyncio.CancelledError:
             await _close_quietly(client)  # the hub is stopping: leave no session behind
             raise
+        except LocalResourceError as exc:  # our fds/memory ran out: no evidence, try again soon
+            await _close_quietly(client)
+            self._starving(exc)
+            command = await self._wait(LOCAL_BACKOFF)
+            if command is not None:
+                await self._handle(command)
+            return  # still connecting (unless the command moved it): the next step connects again
         except Exception as exc:  # whatever the instance did wrong, it is a failed connect
+            self._fed()
             self.last_error = _describe(exc)
             try:
                 await self._fire("connect_failed", reason="handshake failed", error=self.last_error)
             finally:
                 await _close_quietly(client)
             return
+        self._fed()
         version = client.protocol_version or "?"
         try:
             # `on_enter_active` installs the session as the machine enters `active`: after the
@@ -304,20 +323,28 @@ class Supervisor:
         assert client is not None
         session = client.session_id
         misses = 0
+        delay = self.timing.ping_interval
         while self.state == "active":
-            command = await self._wait(self.timing.ping_interval, active=True)
+            command = await self._wait(delay, active=True)
+            delay = self.timing.ping_interval
             if isinstance(command, Rediscover | Remove | RefreshTools):
                 await self._handle(command)
                 continue
             try:
                 await self._within(client.ping(self.timing.ping_timeout), self.timing.ping_timeout, "ping")
+            except LocalResourceError as exc:  # says nothing about the instance: neither miss nor answer
+                self._starving(exc)
+                delay = LOCAL_BACKOFF
+                continue
             except Exception as exc:
+                self._fed()
                 misses += 1
                 if misses >= self.timing.ping_misses:
                     self.last_error = _describe(exc)
                     await self._fire("lost", reason=f"{misses} pings missed", error=self.last_error)
                     await self._disconnect()
                 continue
+            self._fed()
             misses = 0
             if client.session_id != session:
                 # The client re-initialized a lost session: the GET stream and any
@@ -370,6 +397,21 @@ class Supervisor:
         except Exception as exc:  # the next ping decides whether the instance is still there
             log.warning("refreshing tools of %s failed: %s", self.instance_id, _describe(exc))
         self._on_change(self)
+
+    def _starving(self, exc: LocalResourceError) -> None:
+        """One warning per episode of local resource failures, however many pings it lasts."""
+        if not self._starved:
+            self._starved = True
+            log.warning(
+                "fsm-hub: %s not checked, the hub is out of resources (%s); no transition recorded, "
+                "retrying every %gs", self.instance_id, _describe(exc), LOCAL_BACKOFF,
+            )
+
+    def _fed(self) -> None:
+        """A ping or connect got an answer or a failure of the instance's own: the episode is over."""
+        if self._starved:
+            self._starved = False
+            log.warning("fsm-hub: %s can be checked again, the hub has resources back", self.instance_id)
 
     # -- plumbing ---------------------------------------------------------------------------
 
