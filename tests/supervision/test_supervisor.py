@@ -22,12 +22,13 @@ from freezegun import freeze_time
 
 from fsm_hub.core.events import EventType, format_time
 from fsm_hub.core.view import fold
-from fsm_hub.errors import InstanceUnavailable, TransportError
+from fsm_hub.errors import InstanceUnavailable, LocalResourceError, TransportError
 from fsm_hub.mcp.protocol import LATEST as PROTOCOL_VERSION
 from fsm_hub.mcp.upstream import McpClient
 from fsm_hub.store.recorder import recorded_machine
 from fsm_hub.store.sqlite import EventStore
 from fsm_hub.supervision.supervisor import (
+    LOCAL_BACKOFF,
     CheckNow,
     Connector,
     Rediscover,
@@ -570,3 +571,77 @@ async def test_stop_closes_the_session_and_leaves_no_task(
     assert clock.sleeping() == []
     await eventually(lambda: fsm_hub_tasks() == [], 2, "no task left")
 
+
+
+# -- the hub's own resources running out -------------------------------------------------------
+
+
+class StarvedClient(McpClient):
+    """A real client whose pings fail as they do when the hub has no fd left, while `starved`."""
+
+    starved = False
+
+    async def ping(self, timeout: float | None = None) -> None:
+        if StarvedClient.starved:
+            raise LocalResourceError(f"cannot connect to {self.url}: Too many open files")
+        await super().ping(timeout)
+
+
+async def test_pings_failing_for_lack_of_our_own_fds_record_nothing(
+    flaky_mcp: FlakyFactory, supervise: Supervise, clock: ManualClock, store: EventStore,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    flaky = await flaky_mcp()
+    await supervise(flaky.url, connector=StarvedClient)
+    await active(clock)
+
+    StarvedClient.starved = True
+    try:
+        clock.advance(TIMING.ping_interval)
+        for round_ in range(10):  # far more than ping_misses: none counts as a miss
+            assert await clock.next_sleep() == TIMING.ping_timeout
+            assert await clock.next_sleep() == LOCAL_BACKOFF  # retried soon, not at the interval
+            assert await transitions(store, ID) == CONNECT
+            if round_ < 9:
+                clock.advance(LOCAL_BACKOFF)
+    finally:
+        StarvedClient.starved = False
+    clock.advance(LOCAL_BACKOFF)
+    assert await clock.next_sleep() == TIMING.ping_timeout
+    assert await clock.next_sleep() == TIMING.ping_interval  # answered: back to the usual rhythm
+    assert await transitions(store, ID) == CONNECT
+    warnings = [r.getMessage() for r in caplog.records if "out of resources" in r.getMessage()]
+    assert len(warnings) == 1 and "Too many open files" in warnings[0], warnings
+
+    flaky.pause()  # once resources are back, a real failure is evidence again
+    for _ in range(2):
+        assert await ping_round(clock, hangs=True) == TIMING.ping_interval
+    await ping_round(clock, hangs=True)
+    assert await transitions(store, ID) == CONNECT + LOST
+
+
+async def test_a_connect_failing_for_lack_of_our_own_fds_is_retried_without_a_transition(
+    flaky_mcp: FlakyFactory, supervise: Supervise, clock: ManualClock, store: EventStore,
+) -> None:
+    flaky = await flaky_mcp()
+    starved = [3]
+
+    def connector(url: str) -> McpClient:
+        client = McpClient(url)
+        if starved[0]:
+            starved[0] -= 1
+
+            async def initialize(*, timeout: float | None = None) -> dict[str, Any]:
+                raise LocalResourceError(f"cannot connect to {url}: Too many open files")
+
+            client.initialize = initialize  # type: ignore[method-assign]
+        return client
+
+    await supervise(flaky.url, connector=connector)
+    for _ in range(3):
+        assert await clock.next_sleep() == TIMING.connect_timeout
+        assert await clock.next_sleep() == LOCAL_BACKOFF
+        assert await transitions(store, ID) == CONNECT[:1]
+        clock.advance(LOCAL_BACKOFF)
+    await active(clock)
+    assert await transitions(store, ID) == CONNECT
