@@ -56,9 +56,11 @@ class SessionExpired(TransportError):
 class InstanceUnavailable(FsmHubError):
     """The instance a request is routed to is not active."""
 
-    def __init__(self, instance_id: str, state: str, last_error: str | None) -> None:
+    def __init__(self, instance_id: str, state: str, last_error: str | None, attempt: int = 0) -> None:
+        tried = f" (attempt {attempt})" if attempt and state in ("retrying", "connecting", "dead") else ""
         detail = f"; last error: {last_error}" if last_error else ""
-        super().__init__(f"instance {instance_id} is {state}{detail}")
+        super().__init__(f"instance {instance_id} is {state}{tried}{detail}")
+        self.attempt = attempt
         self.instance_id = instance_id
         self.state = state
         self.last_error = last_error

@@ -44,8 +44,11 @@ def negotiate(requested: str) -> str:
 
 
 def as_call_tool_result(result: Any) -> dict[str, Any]:
-    """A CallToolResult unchanged; a raw result (no content list, as brummer sends) wrapped as text."""
-    if isinstance(result, dict) and isinstance(result.get("content"), list):
+    """A CallToolResult (or a task-augmented call's CreateTaskResult) unchanged; a raw result
+    (no content list, as brummer sends: an array, a string, a number, null) wrapped as text."""
+    if isinstance(result, dict) and (
+        isinstance(result.get("content"), list) or isinstance(result.get("task"), dict)
+    ):
         return result
     wrapped: dict[str, Any] = {
         "content": [{"type": "text", "text": json.dumps(result, allow_nan=False)}],

@@ -77,6 +77,8 @@ class McpClient:
         self.server_info: dict[str, Any] = {}
         self.capabilities: dict[str, Any] = {}
         """The server's capabilities from the last ``initialize``."""
+        self.instructions: str | None = None
+        """The server's ``instructions`` from the last ``initialize``, if it gave any."""
         self._client_info = dict(client_info or CLIENT_INFO)
         self._client_capabilities = dict(capabilities or {})
         self._http = session
@@ -93,6 +95,8 @@ class McpClient:
         self._reinit: asyncio.Future[dict[str, Any]] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._listening = False
+        self.listen_offered = True
+        """False once the server answered the GET stream with 405 (it offers none)."""
         self._background: set[asyncio.Task[Any]] = set()
 
     @property
@@ -164,6 +168,8 @@ class McpClient:
         self.protocol_version = version
         self.server_info = _dict_or_empty(result.get("serverInfo"))
         self.capabilities = _dict_or_empty(result.get("capabilities"))
+        instructions = result.get("instructions")
+        self.instructions = instructions if isinstance(instructions, str) else None
         self._session_id = session_id
         session_headers = {VERSION_HEADER: version}
         if session_id is not None:
@@ -221,11 +227,31 @@ class McpClient:
             raise TransportError(f"{self.url} answered {method} with {_snippet(result)}")
         return result
 
+    async def call(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        on_message: OnMessage | None = None,
+    ) -> Any:
+        """Like `request`, but any JSON ``result`` comes back as it is (arrays, strings, null)."""
+        return await self._call(method, params, timeout, on_message)
+
     async def notify(
         self, method: str, params: Mapping[str, Any] | None = None, *, timeout: float | None = None
     ) -> None:
         """Send a JSON-RPC notification (e.g. ``notifications/cancelled``)."""
         await self._call(method, params, timeout, None, notification=True)
+
+    async def respond(self, message: Mapping[str, Any], *, timeout: float | None = None) -> None:
+        """POST our answer (``result`` or ``error``) to a request the server sent us."""
+        seconds = self.timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(seconds):
+                await self._post_notification(jsonrpc.encode_answer(dict(message)), self._headers)
+        except TimeoutError:
+            raise TransportError(f"answering {self.url} timed out after {seconds:g}s") from None
 
     async def ping(self, timeout: float | None = None) -> None:
         """Return if the server answers at all; raise TransportError if it cannot be reached."""
@@ -527,6 +553,7 @@ class McpClient:
                 http.get(self.url, headers=headers, timeout=_NO_AIOHTTP_TIMEOUT) as response,
             ):
                 if response.status == 405:
+                    self.listen_offered = False
                     return
                 if response.status != 200:
                     text = _snippet(await response.read())

@@ -164,6 +164,11 @@ class Supervisor:
         return str(self.machine.model.state)
 
     @property
+    def client(self) -> InstanceClient | None:
+        """The supervisor's own client (health, tool cache) while connected; sessions have theirs."""
+        return self._client
+
+    @property
     def running(self) -> bool:
         return self._task is not None
 

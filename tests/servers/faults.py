@@ -214,8 +214,8 @@ class FakeMcp:
             return web.Response(text=text, content_type="application/json")
         stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await stream.prepare(request)
-        for text in self.prelude:
-            await stream.write(text.replace("\n", self.line_end).encode())
+        for before in self.prelude:
+            await stream.write(before.replace("\n", self.line_end).encode())
         if self.cut == "abort":
             await stream.write(b'event: message\ndata: {"jsonrpc":"2.0","id"')
             assert request.transport is not None
