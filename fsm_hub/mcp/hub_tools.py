@@ -81,6 +81,8 @@ DEFINITIONS: tuple[dict[str, Any], ...] = (
     },
 )
 HUB_TOOL_NAMES = frozenset(tool["name"] for tool in DEFINITIONS)
+MAX_HISTORY_LIMIT = 1_000_000
+"""The largest `limit` instances_history takes (SQLite integers end at 2^63)."""
 
 
 class ToolFailure(FsmHubError):
@@ -160,6 +162,8 @@ class HubTools:
         limit = arguments.get("limit")
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             raise ToolFailure("argument 'limit' must be a positive integer")
+        if limit is not None and limit > MAX_HISTORY_LIMIT:
+            raise ToolFailure(f"argument 'limit' must be at most {MAX_HISTORY_LIMIT}")
         events = await self.session.hub.history(_text(arguments, "instance_id") or "", limit)
         return tool_result({"events": [e.to_json() for e in events]})
 

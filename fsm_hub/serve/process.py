@@ -21,7 +21,8 @@ from fsm_hub.errors import FsmHubError
 from fsm_hub.mcp import jsonrpc
 from fsm_hub.mcp.jsonrpc import INTERNAL_ERROR, JsonRpcDecodeError, decode_error, error_response, parse_error
 from fsm_hub.mcp.session import Session
-from fsm_hub.serve.bridge import Bridge, OwnerGone, OwnerUnresponsive
+from fsm_hub.serve.attach import AttachMachine
+from fsm_hub.serve.bridge import Bridge, OwnerGone
 from fsm_hub.serve.ownership import Owner, Ownership
 from fsm_hub.serve.relay import HttpRelay
 from fsm_hub.store.sqlite import EventStore
@@ -35,6 +36,8 @@ TAKEOVER_WAIT = 10.0
 EOF_GRACE = 10.0
 """Seconds the answers to requests read before end of input may still take."""
 END_OF_INPUT = "client closed stdin"
+MAX_IN_FLIGHT = 16
+"""Requests of one stdio client handled at once."""
 RELAY_POLL = 0.2
 """Seconds between an attached `serve --http`'s looks at whether the log's owner is gone."""
 DEFAULT_LIMITS = HttpLimits()
@@ -211,8 +214,16 @@ async def _pump(
 
 
 async def _read_lines(channel: StdioChannel, tasks: set[asyncio.Task[Any]], handle: Any) -> str:
-    """The hot loop: one line in, one task out; no per-line timers or waits."""
+    """The hot loop: one line in, one task out; no per-line timers or waits.
+
+    At most MAX_IN_FLIGHT requests are handled at once: beyond, stdin is not read until one
+    is answered, so a client that stops reading its answers stops the hub reading its requests
+    (memory stays bounded) instead of piling answers up.
+    """
     while True:
+        if len(tasks) >= MAX_IN_FLIGHT:
+            await asyncio.wait(list(tasks), return_when=asyncio.FIRST_COMPLETED)
+            continue
         try:
             line = await channel.readline()
         except ValueError:
@@ -240,7 +251,8 @@ async def _attach(
     if owner is None:
         return await _take_over_or_fail(channel, options, ownership, stop, set())
     tasks: set[asyncio.Task[Any]] = set()
-    state: dict[str, Any] = {"owned": None, "session": None}
+    attachment = AttachMachine()
+    owned: OwnedHub | None = None
     failover_lock = asyncio.Lock()
 
     def owner_lost(failed: Owner) -> None:
@@ -252,43 +264,50 @@ async def _attach(
     bridge = Bridge(channel, owner, on_lost=owner_lost, call_timeout=options.timing.call_timeout)
 
     async def failover(failed: Owner) -> None:
+        nonlocal owned
         async with failover_lock:
-            if state["session"] is not None or bridge.owner != failed:
+            if attachment.owning.is_active or bridge.owner != failed:
                 return  # someone already moved us on
+            attachment.owner_lost()
             log.warning("fsm-hub: the owning hub (pid %s) is gone; taking over or re-attaching", failed.pid)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + TAKEOVER_WAIT
             retry_same = True
-            while loop.time() < deadline:
-                if ownership.try_acquire():
-                    owned = OwnedHub(options, ownership)
-                    hub = await owned.start(settle=options.timing.connect_timeout)
-                    session = Session(hub, secrets.token_hex(16), channel.write)
-                    state["owned"] = owned
-                    # Bound again before any new message reaches the session: until then they
-                    # queue on this lock (their relay fails, they ask for a failover).
-                    await bridge.reattach(session.handle)
-                    state["session"] = session
-                    await bridge.close(end_session=False)
-                    return
-                successor = ownership.read()
-                if successor is not None and successor != failed:
-                    with contextlib.suppress(OwnerGone):
-                        await bridge.replay_remote(successor)
+            try:
+                while loop.time() < deadline:
+                    if ownership.try_acquire():
+                        owned = OwnedHub(options, ownership)
+                        hub = await owned.start(settle=options.timing.connect_timeout)
+                        session = Session(hub, secrets.token_hex(16), channel.write)
+                        # Bound again before any new message reaches the session: until then they
+                        # queue on this lock (their relay fails, they ask for a failover).
+                        await bridge.reattach(session.handle)
+                        attachment.took_over(session=session)
+                        await bridge.close(end_session=False)
                         return
-                elif successor is not None and retry_same and process_is_running(successor.pid):
-                    # Still running, it may just have lost our session: try once to re-establish
-                    # it there. If it is stopping (503), wait for its lock instead of pestering it.
-                    retry_same = False
-                    with contextlib.suppress(OwnerGone):
-                        await bridge.replay_remote(successor)
-                        return
-                await asyncio.sleep(0.05)
+                    successor = ownership.read()
+                    if successor is not None and successor != failed:
+                        with contextlib.suppress(OwnerGone):
+                            await bridge.replay_remote(successor)
+                            attachment.reattached()
+                            return
+                    elif successor is not None and retry_same and process_is_running(successor.pid):
+                        # Still running, it may just have lost our session: try once to re-establish
+                        # it there. If it is stopping (503), wait for its lock instead of pestering it.
+                        retry_same = False
+                        with contextlib.suppress(OwnerGone):
+                            await bridge.replay_remote(successor)
+                            attachment.reattached()
+                            return
+                    await asyncio.sleep(0.05)
+            finally:
+                if attachment.failing_over.is_active:
+                    attachment.gave_up()  # the client's next call tries again
             raise FsmHubError("the owning hub is gone and no process could take over")
 
     async def handle(line: bytes, message: Any) -> None:
         for _ in range(2):
-            session: Session | None = state["session"]
+            session = attachment.model.session
             if session is not None:
                 reply = await session.handle(message)
                 if reply is not None:
@@ -297,11 +316,6 @@ async def _attach(
             current = bridge.owner
             try:
                 await bridge.relay(line, message)
-            except OwnerUnresponsive as exc:
-                log.error("fsm-hub: %s", exc)
-                if isinstance(message, dict) and "id" in message:
-                    await channel.send(error_response(message["id"], INTERNAL_ERROR, f"fsm-hub: {exc}"))
-                return
             except OwnerGone:
                 try:
                     await failover(current)
@@ -309,6 +323,11 @@ async def _attach(
                     log.error("fsm-hub: %s", exc)
                     break
                 continue
+            except Exception as exc:  # unresponsive owner, an oversized event, anything: answer
+                log.error("fsm-hub: %s", exc)
+                if isinstance(message, dict) and "id" in message:
+                    await channel.send(error_response(message["id"], INTERNAL_ERROR, f"fsm-hub: {exc}"))
+                return
             # Remembered once delivered: a message that failed is retried on the new owner as
             # itself, so replaying it first would send it twice.
             bridge.remember(message)
@@ -321,11 +340,11 @@ async def _attach(
     for task in list(tasks):
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    if state["session"] is not None:
-        await state["session"].close(reason)
-    if state["owned"] is not None:
-        await state["owned"].stop(reason)
-    await bridge.close(end_session=state["owned"] is None)  # again, if we took over: harmless
+    if attachment.model.session is not None:
+        await attachment.model.session.close(reason)
+    if owned is not None:
+        await owned.stop(reason)
+    await bridge.close(end_session=owned is None)  # again, if we took over: harmless
     await channel.drain()
     return 0
 

@@ -22,7 +22,7 @@ from fsm_hub.mcp.jsonrpc import INVALID_REQUEST, error_response
 from fsm_hub.mcp.protocol import JSON, SESSION_HEADER, SSE, VERSION_HEADER
 from fsm_hub.serve.ownership import Owner
 from fsm_hub.transports.connections import ConnectionGuard
-from fsm_hub.transports.http import RELAYED_HEADER, GuardedSite, HttpLimits, origin_refusal
+from fsm_hub.transports.http import RELAYED_HEADER, HttpLimits, mcp_url, origin_refusal, start_guarded
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ class HttpRelay:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/mcp"
+        return mcp_url(self.host, self.port)
 
     async def start(self) -> str:
         self._http = aiohttp.ClientSession(
@@ -69,13 +68,7 @@ class HttpRelay:
         )
         app = web.Application(client_max_size=self.limits.max_body)
         app.router.add_route("*", "/mcp", self._relay)
-        self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=0.5, lingering_time=1.0
-        )
-        await self._runner.setup()
-        await GuardedSite(self._runner, self.host, self.port, guard=self.connections).start()
-        if self.port == 0:
-            self.port = int(self._runner.addresses[0][1])
+        self._runner, self.port = await start_guarded(app, self.host, self.port, self.connections)
         return self.url
 
     async def stop(self) -> None:

@@ -136,8 +136,7 @@ class HttpEndpoint:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/mcp"
+        return mcp_url(self.host, self.port)
 
     async def start(self) -> str:
         app = web.Application(client_max_size=self.limits.max_body, middlewares=[self._track])
@@ -148,18 +147,7 @@ class HttpEndpoint:
         app.router.add_post(INSTANCE_PATH, self._post)
         app.router.add_get(INSTANCE_PATH, self._get)
         app.router.add_delete(INSTANCE_PATH, self._delete)
-        # Stopping closes every session (cancelling its handlers) before the runner: what is
-        # left is idle keep-alive connections, which must not hold the hub's exit (and with it
-        # the log's lock, which an attached process is waiting to take over) for aiohttp's 60 s.
-        # lingering_time: after refusing a request unread, drain its body for at most a second.
-        self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=0.5, lingering_time=1.0
-        )
-        await self._runner.setup()
-        site = GuardedSite(self._runner, self.host, self.port, guard=self.connections)
-        await site.start()
-        if self.port == 0:
-            self.port = int(self._runner.addresses[0][1])
+        self._runner, self.port = await start_guarded(app, self.host, self.port, self.connections)
         self._sweeper = asyncio.create_task(self._sweep(), name=f"sessions-expiry {self.port}")
         return self.url
 
@@ -475,6 +463,26 @@ def _is_own_host(bound_host: str, host: str) -> bool:
     if bound is not None and bound.is_unspecified:
         return ip_literal(host) is not None
     return host == bound_host
+
+
+def mcp_url(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/mcp"
+
+
+async def start_guarded(
+    app: web.Application, host: str, port: int, guard: ConnectionGuard
+) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` at ``host:port`` behind ``guard``; the runner and the port bound."""
+    # Stopping closes every session (cancelling its handlers) before the runner: what is left
+    # is idle keep-alive connections, which must not hold the hub's exit (and with it the log's
+    # lock, which an attached process is waiting to take over) for aiohttp's 60 s.
+    # lingering_time: after refusing a request unread, drain its body for at most a second.
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=0.5, lingering_time=1.0
+    )
+    await runner.setup()
+    await GuardedSite(runner, host, port, guard=guard).start()
+    return runner, port or int(runner.addresses[0][1])
 
 
 class GuardedSite(web.TCPSite):

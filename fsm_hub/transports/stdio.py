@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 MAX_LINE = jsonrpc.MAX_MESSAGE
 """The longest line read; a longer one is skipped whole and answered with one error."""
+READ_BUFFER: Final = 1024 * 1024
+"""Input read ahead of the lines being handled (a longer line is read in pieces)."""
 NOTIFICATION_BACKLOG: Final = 8 * 1024 * 1024
 """Unread output beyond which a notification is dropped instead of buffered."""
 HIGH_WATER: Final = 1024 * 1024
@@ -50,7 +52,7 @@ class StdioChannel:
         if stdin is None or not _is_open(0):
             self._closed_input = True  # `<&-`: no input at all, which ends the session at once
         else:
-            reader = asyncio.StreamReader(limit=MAX_LINE)
+            reader = asyncio.StreamReader(limit=READ_BUFFER)
             try:
                 if not _pollable(0):
                     raise ValueError("not a pipe, socket or terminal")
@@ -85,18 +87,32 @@ class StdioChannel:
             return None
         if self._lines is not None:
             return await self._lines.get()
-        assert self._reader is not None
-        try:
-            line = await self._reader.readuntil(b"\n")
-        except asyncio.IncompleteReadError as exc:
-            return exc.partial or None
-        except asyncio.LimitOverrunError as exc:
-            await self._reader.readexactly(exc.consumed)
-            await self._skip_line()  # drop all of the over-long line: one error for it, not two
-            raise ValueError("line too long") from None
-        except OSError:
-            return None
-        return line
+        reader = self._reader
+        assert reader is not None
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                part = await reader.readuntil(b"\n")
+                ended = True
+            except asyncio.IncompleteReadError as exc:  # end of input
+                part, ended = exc.partial, True
+                if not part and not parts:
+                    return None
+            except asyncio.LimitOverrunError as exc:
+                # A line longer than the read buffer: take what is there and read on. The
+                # buffer stays small (READ_BUFFER), so unread input waits in the pipe, not here.
+                part, ended = await reader.readexactly(exc.consumed), False
+            except OSError:
+                return None
+            size += len(part)
+            if size > MAX_LINE:
+                if not ended:
+                    await self._skip_line()  # drop all of the over-long line: one error for it
+                raise ValueError("line too long")
+            parts.append(part)
+            if ended:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _skip_line(self) -> None:
         assert self._reader is not None

@@ -18,20 +18,11 @@ import pytest
 from fsm_hub.mcp.upstream import McpClient
 from tests.e2e.lab import FAST, FSM_HUB, Lab, eventually
 from tests.e2e.test_stdio_protocol import RawHub
+from tests.transports.test_http import ACCEPT, INIT
 
 pytestmark = pytest.mark.e2e
 
-HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 0,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "t", "version": "1"},
-    },
-}
+HEADERS = ACCEPT
 
 
 def free_port() -> int:

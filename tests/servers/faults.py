@@ -209,9 +209,9 @@ class FakeMcp:
         return "result", {"content": [{"type": "text", "text": json.dumps(arguments)}], "isError": False}
 
     async def _answer(self, request: web.Request, response: dict[str, Any] | str) -> web.StreamResponse:
-        text = response if isinstance(response, str) else json.dumps(response)
+        body = response if isinstance(response, str) else json.dumps(response)
         if not self.sse:
-            return web.Response(text=text, content_type="application/json")
+            return web.Response(text=body, content_type="application/json")
         stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await stream.prepare(request)
         for before in self.prelude:
@@ -223,7 +223,7 @@ class FakeMcp:
             return stream
         if self.cut != "eof":
             end = self.line_end
-            await stream.write(f"event: message{end}data: {text}{end}{end}".encode())
+            await stream.write(f"event: message{end}data: {body}{end}{end}".encode())
         if self.keep_open:
             await self._stopping.wait()
         await stream.write_eof()
