@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from fsm_hub.cli_servers import app as servers_app
 from fsm_hub.core.events import StoredEvent, parse_time
 from fsm_hub.core.view import InstanceView, fold
 from fsm_hub.errors import FsmHubError
@@ -23,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(servers_app, name="servers")
 
 DbOption = Annotated[
     Path | None,

@@ -76,3 +76,11 @@ class InvalidAnnouncement(DiscoveryError):
 
 class RefusedAnnouncement(DiscoveryError):
     """Well-formed, but using it would be unsafe (foreign owner, symlink, size, remote host)."""
+
+
+class ConfigError(FsmHubError):
+    """The configured-servers file (`servers.json`) cannot be used as it is."""
+
+
+class RefusedConfig(ConfigError):
+    """Using the config would be unsafe (owned by another user, writable by others)."""

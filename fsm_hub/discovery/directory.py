@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 
 from watchfiles import awatch
 
+from fsm_hub.discovery.security import directory_refusal
 from fsm_hub.errors import DiscoveryError, InvalidAnnouncement, RefusedAnnouncement
 
 ENV_INSTANCES_DIR = "FSM_HUB_INSTANCES_DIR"
@@ -315,20 +316,6 @@ class ScanResult:
     problems: tuple[Problem, ...]
     refused: str | None
     """Why the whole directory is not used, or None (a missing directory is not refused)."""
-
-
-def directory_refusal(directory: Path, st: os.stat_result) -> str | None:
-    """Another user who can write here could announce an instance the hub would trust."""
-    mode = stat.S_IMODE(st.st_mode)
-    if not stat.S_ISDIR(st.st_mode):
-        return f"{directory} is not a directory"
-    if st.st_uid != os.geteuid():
-        return f"{directory} is owned by uid {st.st_uid}, not by us (uid {os.geteuid()})"
-    if mode & stat.S_IWOTH:
-        return f"{directory} is writable by every user (mode {mode:04o})"
-    if mode & stat.S_IWGRP and st.st_gid != os.getegid():
-        return f"{directory} is writable by group {st.st_gid}, not ours (mode {mode:04o})"
-    return None
 
 
 def scan(directory: Path, *, allow_remote: bool = False, warn: Warn = warn_to_stderr) -> ScanResult:

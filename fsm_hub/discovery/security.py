@@ -1,0 +1,36 @@
+"""Who may write the files the hub trusts: the checks shared by the instances directory and the config.
+
+Anyone who can write an announcement or a `servers.json` can make the hub connect somewhere, or
+run a program: such files and their directories must be ours and writable by no one else.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+
+def directory_refusal(directory: object, st: os.stat_result) -> str | None:
+    """Another user who can write here could announce an instance the hub would trust."""
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{directory} is not a directory"
+    return _ownership_refusal(directory, st)
+
+
+def file_refusal(path: object, st: os.stat_result) -> str | None:
+    """The same rule for one file (stat it after opening, so a swap cannot fool the check)."""
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    return _ownership_refusal(path, st)
+
+
+def _ownership_refusal(path: object, st: os.stat_result) -> str | None:
+    """Ours, and writable by no other user: not by everyone, not by a group other than ours."""
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != os.geteuid():
+        return f"{path} is owned by uid {st.st_uid}, not by us (uid {os.geteuid()})"
+    if mode & stat.S_IWOTH:
+        return f"{path} is writable by every user (mode {mode:04o})"
+    if mode & stat.S_IWGRP and st.st_gid != os.getegid():
+        return f"{path} is writable by group {st.st_gid}, not ours (mode {mode:04o})"
+    return None
