@@ -246,6 +246,14 @@ def serve(
     call_timeout: Annotated[
         float, typer.Option(help="Seconds any routed request may take before its client gets an error.")
     ] = 300.0,
+    instance: Annotated[
+        str | None,
+        typer.Option(
+            "--instance",
+            metavar="ID_OR_NAME",
+            help="With --mcp: serve that one instance's own MCP (its tools unprefixed, no hub tools).",
+        ),
+    ] = None,
     db: DbOption = None,
 ) -> None:
     """Run the hub: discover instances, supervise their connections, serve MCP."""
@@ -259,6 +267,10 @@ def serve(
     from fsm_hub.transports.http import HttpLimits
 
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
+    if instance is not None and not mcp:
+        raise fail("--instance needs --mcp (over HTTP, use /instances/<id or name>/mcp)")
+    if instance is not None and not instance.strip():
+        raise fail("--instance needs an instance id or name")
     timing = Timing(
         ping_interval=_positive("--ping-interval", ping_interval),
         ping_timeout=_positive("--ping-timeout", ping_timeout),
@@ -277,6 +289,7 @@ def serve(
         allow_remote=allow_remote,
         timing=timing,
         limits=HttpLimits(session_idle=_positive("--session-idle", session_idle), max_sessions=max_sessions),
+        instance=instance,
     )
     code = run(lambda: asyncio.run(run_hub(options)))
     raise typer.Exit(code)

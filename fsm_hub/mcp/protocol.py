@@ -10,6 +10,7 @@ import ipaddress
 import json
 import re
 from typing import Any, Final
+from urllib.parse import quote
 
 from fsm_hub import __version__
 from fsm_hub.discovery.directory import is_loopback_host
@@ -33,6 +34,12 @@ SERVER_CAPABILITIES: Final = {
     "resources": {"listChanged": True},
     "prompts": {"listChanged": True},
 }
+
+def instance_url(mcp_url: str, ref: str) -> str:
+    """The per-instance endpoint beside a hub's ``.../mcp``: ``.../instances/<ref>/mcp``."""
+    base = mcp_url[: -len("/mcp")] if mcp_url.endswith("/mcp") else mcp_url.rstrip("/")
+    return f"{base}/instances/{quote(ref, safe='')}/mcp"
+
 
 REQUESTS_BEFORE_INITIALIZE: Final = frozenset({"initialize", "ping"})
 """The only requests a session answers before ``initialize`` (the spec allows ping at any time)."""

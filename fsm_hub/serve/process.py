@@ -53,6 +53,8 @@ class ServeOptions:
     timing: Timing = DEFAULT_TIMING
     limits: HttpLimits = DEFAULT_LIMITS
     """Session expiry, session and connection caps of both HTTP endpoints."""
+    instance: str | None = None
+    """`--instance`: the stdio client gets that one instance's own MCP (a per-instance endpoint)."""
 
 
 class OwnedHub:
@@ -122,7 +124,7 @@ async def serve(options: ServeOptions) -> int:
             await stop.wait()
             await owned.stop("signal")
             return 0
-        return await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop)
+        return await _serve_stdio(channel, owned, _stdio_session(hub, channel, options), stop)
     relay: HttpRelay | None = None
     if options.http is not None:
         # The public endpoint relays to whoever owns the log; a takeover here must not bind it again.
@@ -261,7 +263,8 @@ async def _attach(
         task.add_done_callback(_failover_done)
         task.add_done_callback(tasks.discard)
 
-    bridge = Bridge(channel, owner, on_lost=owner_lost, call_timeout=options.timing.call_timeout)
+    timeout = options.timing.call_timeout
+    bridge = Bridge(channel, owner, on_lost=owner_lost, call_timeout=timeout, instance=options.instance)
 
     async def failover(failed: Owner) -> None:
         nonlocal owned
@@ -278,7 +281,7 @@ async def _attach(
                     if ownership.try_acquire():
                         owned = OwnedHub(options, ownership)
                         hub = await owned.start(settle=options.timing.connect_timeout)
-                        session = Session(hub, secrets.token_hex(16), channel.write)
+                        session = _stdio_session(hub, channel, options)
                         # Bound again before any new message reaches the session: until then they
                         # queue on this lock (their relay fails, they ask for a failover).
                         await bridge.reattach(session.handle)
@@ -379,6 +382,11 @@ async def _wait_for_owner(ownership: Ownership) -> Owner | None:
     return ownership.read()
 
 
+def _stdio_session(hub: Hub, channel: StdioChannel, options: ServeOptions) -> Session:
+    """The in-process session of the stdio client: the hub's, or one instance's with --instance."""
+    return Session(hub, secrets.token_hex(16), channel.write, instance=options.instance)
+
+
 async def _take_over_or_fail(
     channel: StdioChannel,
     options: ServeOptions,
@@ -390,4 +398,4 @@ async def _take_over_or_fail(
         raise FsmHubError(f"another fsm-hub holds {ownership.lock_path} but advertises no endpoint")
     owned = OwnedHub(options, ownership)
     hub = await owned.start()
-    return await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop, tasks)
+    return await _serve_stdio(channel, owned, _stdio_session(hub, channel, options), stop, tasks)
