@@ -109,6 +109,10 @@ class Session:
         """Hub id of a relayed instance request → (the upstream that asked, its own id)."""
         self._next_server_request = 0
         self._background: set[asyncio.Task[Any]] = set()
+        self._own_tools: tuple[object, list[dict[str, Any]]] | None = None
+        """(the supervisor's list it was fetched beside, the bound instance's tools as this
+        client's own session lists them): servers offer some tools only to clients with
+        sampling, elicitation or roots, which the supervisor's session does not declare."""
         self._grace_tools: list[dict[str, Any]] | None = None
         """The bound instance's last known tools, listed while it is retrying."""
         self._inflight: dict[Any, asyncio.Task[Any]] = {}
@@ -208,6 +212,7 @@ class Session:
         if method == "ping":
             return {}
         if method == "tools/list":
+            await self._fetch_own_tools()
             return self._page(self.tool_list(), params, "tools")
         if method == "initialize":
             return self._initialize(params)
@@ -350,12 +355,36 @@ class Session:
             return None
         tools = self.hub.tools(self.bound)
         if tools is not None:
+            own = self._own_tools
+            if own is not None and own[0] is tools:
+                tools = own[1]
             self._grace_tools = tools
             return tools
         if self.hub.state(self.bound) in GRACE_STATES:
             return self._grace_tools
         self._grace_tools = None
         return None
+
+    async def _fetch_own_tools(self) -> None:
+        """List the bound instance's tools over this client's own session, once per change.
+
+        Only for a client that declared capabilities: for one that declared none, the
+        supervisor's list (fetched without any) is the same, and costs nothing.
+        """
+        bound = self.bound
+        if bound is None or not self.client_capabilities:
+            return
+        shared = self.hub.tools(bound)
+        if shared is None or (self._own_tools is not None and self._own_tools[0] is shared):
+            return
+        try:
+            client = await self._upstream(bound).client()
+            tools = await client.list_tools()
+        except (FsmHubError, McpError) as exc:
+            log.debug("listing %s's tools for %s failed: %s", bound, self.id, exc)
+            return  # the supervisor's list stands in
+        if self.bound == bound:
+            self._own_tools = (shared, tools)
 
     def _instance_tools(self) -> NamedTools:
         """The bound instance's tools under client-safe names (hub names win a clash)."""
@@ -501,6 +530,9 @@ class Session:
         if method == "notifications/tools/list_changed":
             self.hub.instance_tools_changed(instance_id)  # the hub's own list_changed follows
             if not transparent:
+                if instance_id == self.bound and self._own_tools is not None:
+                    self._own_tools = None  # this client's own list is stale: refetch it
+                    emit(message)
                 return
         if not (transparent or in_request or instance_id == self.bound or method in FORWARDED_EVERYWHERE):
             return  # e.g. resources/list_changed of an instance only reached through instances_call
@@ -568,6 +600,7 @@ class Session:
             await self._close_upstream(previous)
             await self.hub.session_disconnected(self.id, previous, reason)
         self._grace_tools = None
+        self._own_tools = None
         self.bound = instance_id
         if instance_id is not None:
             await self.hub.session_connected(self.id, instance_id)
