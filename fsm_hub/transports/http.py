@@ -282,8 +282,8 @@ class HttpEndpoint:
             return web.Response(status=202, headers=headers)
         # Plain JSON unless the request sends something first (progress, logs, an instance's
         # sampling or elicitation request): then the answer becomes an SSE stream carrying it.
-        # A tool call on a per-instance endpoint is always a resumable stream (SEP-1699), as
-        # the instance's own would be.
+        # A tool call on a per-instance endpoint is always an SSE answer opening with a priming
+        # event (SEP-1699), as the instance's own would be.
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -298,8 +298,7 @@ class HttpEndpoint:
         finally:
             request_emit.reset(token)
         work.add_done_callback(functools.partial(_settle, first))
-        if entry.session.instance_ref is not None and _is_tool_call(message):
-            return await self._answer_as_stream(request, work, queue, headers, prime=True)
+        prime = entry.session.instance_ref is not None and _is_tool_call(message)
         try:
             await asyncio.shield(first)
         except asyncio.CancelledError:
@@ -309,8 +308,17 @@ class HttpEndpoint:
             answer = work.result()
             if answer is None:  # cancelled by the client
                 return web.Response(status=202, headers=headers)
+            if prime:  # the whole stream at once: as cheap as JSON
+                body = self._priming() + _sse(answer)
+                stream_headers = {**headers, "Content-Type": SSE, "Cache-Control": "no-cache"}
+                return web.Response(body=body, headers=stream_headers)
             return web.Response(body=jsonrpc.encode_answer(answer), content_type=JSON, headers=headers)
-        return await self._answer_as_stream(request, work, queue, headers)
+        return await self._answer_as_stream(request, work, queue, headers, prime=prime)
+
+    def _priming(self) -> bytes:
+        """A priming event (SEP-1699): an id and a reconnection delay, no data."""
+        self._primed += 1
+        return f"id: {self._primed}\nretry: {PRIMING_RETRY_MS}\ndata:\n\n".encode()
 
     async def _answer_as_stream(
         self,
@@ -324,8 +332,7 @@ class HttpEndpoint:
         response = web.StreamResponse(headers={**headers, "Content-Type": SSE, "Cache-Control": "no-cache"})
         await response.prepare(request)
         if prime:
-            self._primed += 1
-            await response.write(f"id: {self._primed}\nretry: {PRIMING_RETRY_MS}\ndata:\n\n".encode())
+            await response.write(self._priming())
         getter: asyncio.Future[dict[str, Any]] | None = None
         try:
             while True:
