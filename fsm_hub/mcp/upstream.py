@@ -577,9 +577,10 @@ class McpClient:
             outcome = receiver(message)
             if inspect.isawaitable(outcome):
                 await outcome
-        except Exception:
-            # A broken receiver must not fail the request whose stream it was reading.
-            log.exception("on_message receiver failed for %s", message.get("method"))
+        except Exception as exc:
+            # A broken receiver must not fail the request whose stream it was reading; one line,
+            # no traceback (stderr is the user's, stdout the protocol's).
+            log.error("fsm-hub: relaying %s failed: %s: %s", message.get("method"), type(exc).__name__, exc)
 
     # -- standalone stream -----------------------------------------------------------------
 
