@@ -23,6 +23,14 @@ class ConcurrencyError(StoreError):
     """An append conflicted with an event already at that stream version."""
 
 
+class LogUnwritable(StoreError):
+    """The event log refused a transition's append even after retries: the hub must not go on."""
+
+
+class SupervisorFailed(FsmHubError):
+    """A supervisor's loop ended with an unexpected error (recorded, and the supervisor restarted)."""
+
+
 class IllegalTransition(FsmHubError):
     """An event was sent that the instance's current state does not allow."""
 

@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import freezegun
 import pytest
 
 from tests.servers.faults import FakeMcp, Hang, Reset
@@ -90,6 +91,22 @@ from tests.logs import LogBuilder, Sample, build_sample  # noqa: E402
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: runs a real subprocess or a build; slower")
+
+
+SUBPROCESS_FIXTURES = frozenset({"sdk_server", "sleeper"})
+"""Fixtures that start a process (an SDK server; discovery's live pid)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses a subprocess fixture is an e2e test wherever it lives."""
+    for item in items:
+        if SUBPROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
+# Freezegun freezes time.monotonic too: the tests' own bounded waits must keep real time, or a
+# frozen deadline never passes and a failing wait hangs instead of failing.
+freezegun.configure(extend_ignore_list=["tests.supervision", "tests.live_hub"])
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -111,3 +112,18 @@ def build_sample(log: LogBuilder) -> LogBuilder:
     log.transition(Sample.DOCS, "give_up", "dead", error="gave up")     # 15
     log.discover(Sample.DOCS_TOO, "docs", port=8004)                    # 16
     return log
+
+
+def refuse_transitions_to(db: Path, state: str, why: str = "disk says no") -> None:
+    """Make the log file itself refuse every transition to `state` (a real SQLite failure)."""
+    with sqlite3.connect(db) as connection:
+        connection.execute(
+            f"CREATE TRIGGER refuse_{state} BEFORE INSERT ON events"
+            f" WHEN NEW.type = 'transition' AND json_extract(NEW.data, '$.to') = '{state}'"
+            f" BEGIN SELECT RAISE(ABORT, '{why}'); END"
+        )
+
+
+def accept_transitions_to(db: Path, state: str) -> None:
+    with sqlite3.connect(db) as connection:
+        connection.execute(f"DROP TRIGGER refuse_{state}")

@@ -85,6 +85,12 @@ class ManualClock:
             if sleeper.deadline <= self.now + 1e-9 and not sleeper.future.done():
                 sleeper.future.set_result(None)
 
+    def fail(self, owner: str, error: BaseException) -> None:
+        """Make `owner`'s pending sleeps raise `error`: a broken timer, to crash a supervisor."""
+        for sleeper in list(self._pending):
+            if sleeper.owner == owner and not sleeper.future.done():
+                sleeper.future.set_exception(error)
+
     async def next_sleep(self, owner: str | None = None, timeout: float = 10.0) -> float:
         """The duration of the next sleep asked for (by `owner`) since the last call; waits for it."""
         index = self._cursors.get(owner, 0)

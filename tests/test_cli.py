@@ -10,6 +10,7 @@ from typer.testing import CliRunner, Result
 
 from fsm_hub.cli import app, main
 from fsm_hub.core.machine import STATES
+from fsm_hub.store.schema import latest_version
 from tests.logs import Sample
 
 HISTORY_KEYS = ["seq", "stream", "version", "type", "at", "data"]
@@ -245,8 +246,8 @@ def test_a_newer_log_is_one_line_on_stderr(sample_log: Sample) -> None:
     db.close()
     result = invoke("instances", "--db", str(sample_log.path))
     assert_one_line_error(
-        result, f"{sample_log.path} has schema version 42, newer than this fsm-hub understands (1);"
-        " upgrade fsm-hub")
+        result, f"{sample_log.path} has schema version 42, newer than this fsm-hub understands"
+        f" ({latest_version()}); upgrade fsm-hub")
 
 
 def test_an_unreadable_log_is_one_line_on_stderr(tmp_path: Path) -> None:

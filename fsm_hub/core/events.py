@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -30,6 +31,8 @@ class EventType(StrEnum):
     """data: pid, version, instances_dir."""
     HUB_STOPPED = "hub_stopped"
     """data: pid, reason."""
+    SUPERVISOR_FAILED = "supervisor_failed"
+    """data: instance, error, restart (count in this run). Stored in the hub stream."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,8 @@ class StoredEvent:
     at: str
     """Commit-request time, UTC ISO 8601 with microseconds (sorts lexically)."""
     data_json: str
+    hash: bytes | None = field(default=None, compare=False)
+    """Link of the hash chain (fsm_hub.core.chain), when it was read or written with the event."""
 
     @property
     def data(self) -> dict[str, Any]:
@@ -79,6 +84,43 @@ class StoredEvent:
 
 encode_data = json.JSONEncoder(ensure_ascii=False, check_circular=False, separators=(",", ":")).encode
 """An event's `data` as stored: compact JSON (one encoder object: this is on the append hot path)."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
+
+
+def storable(text: str) -> str:
+    """`text` as UTF-8 can hold it: each lone surrogate is replaced by U+FFFD.
+
+    Python strings may carry surrogates (from `surrogateescape`d file names and bytes, or JSON
+    `\\udc80` escapes) that neither UTF-8 nor SQLite accepts; the log keeps a replacement
+    rather than refusing the event. Everything else is stored exactly.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub(REPLACEMENT, text)
+    return text
+
+
+_scan: Any = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set in __init__, untyped
+
+
+def decode_object(text: str) -> dict[str, Any] | None:
+    """A stored payload as a dict, None if it is not one JSON object (the fold's hot path).
+
+    The C scanner without `json.loads`' wrapper: a third less time per event on a big log.
+    """
+    try:
+        value, end = _scan(text, 0)
+    except (StopIteration, ValueError):
+        return None
+    if end != len(text) or not isinstance(value, dict):
+        return None
+    return value
 
 
 def format_time(moment: datetime) -> str:

@@ -55,14 +55,29 @@ class InstanceMachine(StateMachine):  # type: ignore[misc]
     def has_retries_left(self) -> bool:
         return bool(self.model.attempt < self.model.max_attempts)
 
-    def before_connect(self) -> None:
+    # The model changes in `on_…` callbacks, which run after every `before_…` one: the recorder
+    # commits in `before_transition`, and a refused append must leave the model as it was.
+    def on_connect(self) -> None:
         self.model.attempt += 1
 
     def on_enter_active(self) -> None:
         self.model.attempt = 0
 
-    def before_rediscover(self) -> None:
+    def on_rediscover(self) -> None:
         self.model.attempt = 0
+
+
+def attempt_after(event: str, target: str, attempt: int) -> int:
+    """The retry budget once `event` has led to `target`: what the callbacks above will set.
+
+    The recorder commits a transition before the machine runs them, so it needs this answer
+    ahead of time.
+    """
+    if event == "connect":
+        return attempt + 1
+    if event == "rediscover" or target == "active":
+        return 0
+    return attempt
 
 
 STATES: tuple[str, ...] = tuple(s.id for s in InstanceMachine.states)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from fsm_hub.core.events import EventType, StoredEvent
+from fsm_hub.core.events import EventType, StoredEvent, decode_object
 from fsm_hub.errors import AmbiguousInstance, UnknownInstance
 
 _TRANSITION = EventType.TRANSITION.value
@@ -77,44 +77,97 @@ class View:
 
 @dataclass(slots=True)
 class _Instance:
+    """What the view needs of one instance, and nothing more: memory is O(instances)."""
+
     id: str
     discovered_at: str
     fields: dict[str, Any] = field(default_factory=dict)
-    transitions: list[StoredEvent] = field(default_factory=list)
+    state: str = "discovered"
+    since: str = ""
+    retry_count: int = 0
+    last_error: str | None = None
+
+    def to_row(self) -> list[Any]:
+        return [self.id, self.discovered_at, self.fields, self.state, self.since,
+                self.retry_count, self.last_error]
+
+
+SNAPSHOT_FORMAT = 1
+"""Shape of `Fold.to_snapshot()`; a stored snapshot of another format is ignored and rebuilt."""
 
 
 class Fold:
     """Accumulates events in log order; `view()` gives the view so far.
 
-    Transition payloads stay encoded until `view()`, which decodes only the few it needs
-    per instance: that is what lets a fold run at millions of events a second.
+    Each event updates only its own instance, in constant time; `view()` rebuilds the
+    InstanceView of the instances that changed since the last call and shares the rest.
     """
 
     def __init__(self) -> None:
         self._instances: dict[str, _Instance] = {}
+        self._views: dict[str, InstanceView] = {}
+        self._dirty: set[str] = set()
         self._sessions: dict[str, str] = {}
         self._last_seq = 0
         self._events = 0
+        self._max_at = ""
         self._hub_started_at: str | None = None
+        self.head_hash: bytes | None = None
+        """Chain hash of the last event folded, if it was read with it (not part of a snapshot)."""
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    @property
+    def events(self) -> int:
+        return self._events
+
+    @property
+    def max_at(self) -> str:
+        """The latest `at` folded so far ('' before any event)."""
+        return self._max_at
 
     def apply(self, events: Iterable[StoredEvent]) -> Fold:
         instances = self._instances
+        dirty = self._dirty
         count = 0
+        max_at = self._max_at
         event: StoredEvent | None = None
         for event in events:
             count += 1
-            kind = event.type
-            if kind == _TRANSITION:
-                instance = instances.get(event.stream)
+            if event.at > max_at:
+                max_at = event.at
+            stream = event.stream
+            if event.type == _TRANSITION:
+                instance = instances.get(stream)
                 if instance is None:
-                    instance = instances[event.stream] = _Instance(event.stream, event.at)
-                instance.transitions.append(event)
+                    instance = instances[stream] = _Instance(stream, event.at)
+                _transition(instance, event)
+                dirty.add(stream)
             else:
                 self._apply_rare(event)
         self._events += count
+        self._max_at = max_at
         if event is not None:
             self._last_seq = event.seq
+            self.head_hash = event.hash
         return self
+
+    def apply_decoded(self, event: StoredEvent, data: dict[str, Any] | None) -> None:
+        """Fold one event whose payload the caller already decoded (None: decode it here)."""
+        if event.type != _TRANSITION or data is None:
+            self.apply((event,))
+            return
+        instance = self._instances.get(event.stream)
+        if instance is None:
+            instance = self._instances[event.stream] = _Instance(event.stream, event.at)
+        _take(instance, event, data)
+        self._dirty.add(event.stream)
+        self._events += 1
+        if event.at > self._max_at:
+            self._max_at = event.at
+        self._last_seq, self.head_hash = event.seq, event.hash
 
     def _apply_rare(self, event: StoredEvent) -> None:
         kind = event.type
@@ -122,49 +175,122 @@ class Fold:
             instance = self._instances.get(event.stream)
             if instance is None:
                 instance = self._instances[event.stream] = _Instance(event.stream, event.at)
-            data = event.data
+            data = _decode(event)
             instance.fields.update({k: data[k] for k in _ANNOUNCED if k in data})
+            self._dirty.add(event.stream)
         elif kind == _SESSION_CONNECTED:
-            self._sessions[event.data["session_id"]] = event.stream
+            session = _decode(event).get("session_id")
+            if isinstance(session, str):
+                self._sessions[session] = event.stream
+                self._dirty.add(event.stream)
         elif kind == _SESSION_DISCONNECTED:
-            self._sessions.pop(event.data["session_id"], None)
+            gone = self._sessions.pop(str(_decode(event).get("session_id")), None)
+            if gone is not None:
+                self._dirty.add(gone)
         elif kind == _HUB_STARTED:
-            self._sessions.clear()  # sessions never outlive the hub that served them
+            self._end_sessions()  # sessions never outlive the hub that served them
             self._hub_started_at = event.at
         elif kind == _HUB_STOPPED:
-            self._sessions.clear()
+            self._end_sessions()
             self._hub_started_at = None
 
+    def _end_sessions(self) -> None:
+        self._dirty.update(self._sessions.values())
+        self._sessions.clear()
+
+    def instance(self, instance_id: str) -> InstanceView | None:
+        """One instance's view, without building the others'."""
+        if instance_id in self._dirty:
+            self._refresh()
+        return self._views.get(instance_id)
+
     def view(self) -> View:
-        by_instance: dict[str, list[str]] = {}
-        for session, instance_id in self._sessions.items():
-            by_instance.setdefault(instance_id, []).append(session)
-        instances = {
-            key: _finish(acc, tuple(by_instance.get(key, ())))
-            for key, acc in self._instances.items()
-        }
+        self._refresh()
         return View(
-            instances=MappingProxyType(instances),
+            instances=MappingProxyType(dict(self._views)),
             sessions=MappingProxyType(dict(self._sessions)),
             last_seq=self._last_seq,
             events=self._events,
             hub_started_at=self._hub_started_at,
         )
 
+    def _refresh(self) -> None:
+        if not self._dirty:
+            return
+        by_instance: dict[str, list[str]] = {}
+        for session, instance_id in self._sessions.items():
+            if instance_id in self._dirty:
+                by_instance.setdefault(instance_id, []).append(session)
+        for key in self._dirty:
+            acc = self._instances.get(key)
+            if acc is not None:
+                self._views[key] = _finish(acc, tuple(by_instance.get(key, ())))
+        self._dirty.clear()
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def to_snapshot(self) -> dict[str, Any]:
+        """The fold's whole state as plain JSON data; `from_snapshot` gives the same fold back."""
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "last_seq": self._last_seq,
+            "events": self._events,
+            "max_at": self._max_at,
+            "hub_started_at": self._hub_started_at,
+            "instances": [i.to_row() for i in self._instances.values()],
+            "sessions": [[s, i] for s, i in self._sessions.items()],
+        }
+
+    @classmethod
+    def from_snapshot(cls, state: dict[str, Any]) -> Fold:
+        """Raises ValueError if `state` is not a snapshot this version wrote."""
+        if not isinstance(state, dict) or state.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError("not a snapshot of this format")
+        try:
+            fold = cls()
+            fold._last_seq = int(state["last_seq"])
+            fold._events = int(state["events"])
+            fold._max_at = str(state["max_at"])
+            started = state["hub_started_at"]
+            fold._hub_started_at = None if started is None else str(started)
+            for row in state["instances"]:
+                id_, discovered_at, fields, status, since, retry_count, last_error = row
+                if not isinstance(fields, dict):
+                    raise ValueError("instance fields are not an object")
+                fold._instances[str(id_)] = _Instance(
+                    str(id_), str(discovered_at), fields, str(status), str(since),
+                    int(retry_count), None if last_error is None else str(last_error),
+                )
+            for session, instance_id in state["sessions"]:
+                fold._sessions[str(session)] = str(instance_id)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed snapshot: {exc}") from None
+        fold._dirty.update(fold._instances)
+        return fold
+
+
+def _decode(event: StoredEvent) -> dict[str, Any]:
+    return decode_object(event.data_json) or {}
+
+
+def _transition(instance: _Instance, event: StoredEvent) -> None:
+    _take(instance, event, _decode(event))
+
+
+def _take(instance: _Instance, event: StoredEvent, data: dict[str, Any]) -> None:
+    target = data.get("to")
+    if not isinstance(target, str):
+        return  # malformed: `replay --verify` reports it; the view keeps the last good state
+    instance.state, instance.since = target, event.at
+    if target == "active":
+        instance.retry_count, instance.last_error = 0, None
+    else:
+        instance.retry_count = int(data.get("attempt") or 0)
+        if data.get("error"):
+            instance.last_error = str(data["error"])
+
 
 def _finish(acc: _Instance, sessions: tuple[str, ...]) -> InstanceView:
-    state, since, retry_count, last_error = "discovered", acc.discovered_at, 0, None
-    if acc.transitions:
-        last = acc.transitions[-1].data
-        state, since = last["to"], acc.transitions[-1].at
-        retry_count = 0 if state == "active" else int(last.get("attempt") or 0)
-        for event in reversed(acc.transitions):
-            data = last if event is acc.transitions[-1] else event.data
-            if data.get("to") == "active":
-                break
-            if data.get("error"):
-                last_error = str(data["error"])
-                break
     fields = acc.fields
     return InstanceView(
         id=acc.id,
@@ -173,10 +299,10 @@ def _finish(acc: _Instance, sessions: tuple[str, ...]) -> InstanceView:
         port=fields.get("port"),
         url=fields.get("url"),
         pid=fields.get("pid"),
-        state=state,
-        since=since,
-        retry_count=retry_count,
-        last_error=last_error,
+        state=acc.state,
+        since=acc.since or acc.discovered_at,
+        retry_count=acc.retry_count,
+        last_error=acc.last_error,
         sessions=sessions,
     )
 

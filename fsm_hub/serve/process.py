@@ -120,11 +120,13 @@ async def serve(options: ServeOptions) -> int:
     if ownership.try_acquire():
         owned = OwnedHub(options, ownership)
         hub = await owned.start()
+        hub.on_failure(lambda _: stop.set())
         if channel is None:
             await stop.wait()
-            await owned.stop("signal")
-            return 0
-        return await _serve_stdio(channel, owned, _stdio_session(hub, channel, options), stop)
+            await owned.stop("log unwritable" if hub.failure else "signal")
+            return _exit_code(hub)
+        await _serve_stdio(channel, owned, _stdio_session(hub, channel, options), stop)
+        return _exit_code(hub)
     relay: HttpRelay | None = None
     if options.http is not None:
         # The public endpoint relays to whoever owns the log; a takeover here must not bind it again.
@@ -398,4 +400,13 @@ async def _take_over_or_fail(
         raise FsmHubError(f"another fsm-hub holds {ownership.lock_path} but advertises no endpoint")
     owned = OwnedHub(options, ownership)
     hub = await owned.start()
-    return await _serve_stdio(channel, owned, _stdio_session(hub, channel, options), stop, tasks)
+    hub.on_failure(lambda _: stop.set())
+    await _serve_stdio(channel, owned, _stdio_session(hub, channel, options), stop, tasks)
+    return _exit_code(hub)
+
+
+def _exit_code(hub: Hub) -> int:
+    """0, unless the hub stopped because its log became unwritable: then that is the error."""
+    if hub.failure is not None:
+        raise hub.failure  # the CLI prints it as one line on stderr and exits non-zero
+    return 0

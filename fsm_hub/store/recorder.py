@@ -1,4 +1,4 @@
-"""The listener that makes every transition durable before the driver acts on it."""
+"""The listener that commits a transition before the machine's state changes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Protocol
 from statemachine.exceptions import TransitionNotAllowed
 
 from fsm_hub.core.events import EventType, StoredEvent, transition_data
-from fsm_hub.core.machine import Connection, InstanceMachine
+from fsm_hub.core.machine import Connection, InstanceMachine, attempt_after
 from fsm_hub.errors import IllegalTransition
 
 
@@ -18,8 +18,10 @@ class Appender(Protocol):
 class TransitionRecorder:
     """Appends each transition of one instance's machine to its stream and awaits the commit.
 
-    Being an async listener, it switches the machine to the async engine: `send()` then
-    returns only once the transition is in the log.
+    It records in `before_transition`, which the machine runs before its own callbacks and
+    before it changes state: if the append fails, the exception leaves `send()` and the machine
+    stays in its source state with its model untouched. Being an async listener, it switches
+    the machine to the async engine: `send()` returns only once the transition is in the log.
     """
 
     def __init__(self, store: Appender, stream: str) -> None:
@@ -27,7 +29,7 @@ class TransitionRecorder:
         self.stream = stream
         self.last: StoredEvent | None = None
 
-    async def after_transition(
+    async def before_transition(
         self,
         event: Any,
         source: Any,
@@ -36,12 +38,13 @@ class TransitionRecorder:
         reason: str = "",
         error: str | None = None,
     ) -> None:
+        name = str(event)
         data = transition_data(
-            str(event),
+            name,
             source.id,
             target.id,
             reason=reason,
-            attempt=machine.model.attempt,
+            attempt=attempt_after(name, target.id, machine.model.attempt),
             error=error,
         )
         self.last = await self.store.append(self.stream, EventType.TRANSITION, data)
@@ -62,10 +65,10 @@ async def recorded_machine(
 
 
 async def fire(machine: InstanceMachine, event: str, **details: Any) -> str:
-    """Send `event` (recorded by the listener) and return the new state.
+    """Send `event` (committed by the listener first) and return the new state.
 
     An illegal event raises IllegalTransition naming the event and the state, and nothing is
-    recorded.
+    recorded. A failed append raises the store's error and leaves the machine where it was.
     """
     before = machine.model.state
     try:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
+from fsm_hub.core.chain import GENESIS, link
 from fsm_hub.errors import NotAnEventLog, SchemaTooNew, StoreError
 
 APPLICATION_ID = 0x46534D48  # 'FSMH', set by migration 0001
@@ -96,6 +98,28 @@ def prepare(connection: sqlite3.Connection, path: Path) -> int:
     return len(known)
 
 
+def backfill_hash_chain(connection: sqlite3.Connection) -> None:
+    """Migration 0002's data step: chain the rows already in the log, in seq order."""
+    previous, after = GENESIS, 0
+    while True:
+        rows = connection.execute(
+            "SELECT seq, stream, version, type, at, data FROM events WHERE seq > ? ORDER BY seq LIMIT 10000",
+            (after,),
+        ).fetchall()
+        if not rows:
+            return
+        hashes = []
+        for row in rows:
+            previous = link(previous, *row)
+            hashes.append((previous, row[0]))
+        connection.executemany("UPDATE events SET hash = ? WHERE seq = ?", hashes)
+        after = rows[-1][0]
+
+
+DATA_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {2: backfill_hash_chain}
+"""Migrations whose data SQL alone cannot compute, run in the migration's transaction."""
+
+
 def apply(connection: sqlite3.Connection, migration: Migration) -> None:
     applied_at = datetime.now(UTC).isoformat(timespec="microseconds")
     script = (
@@ -103,13 +127,18 @@ def apply(connection: sqlite3.Connection, migration: Migration) -> None:
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
         " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL);\n"
         f"{migration.sql}\n;\n"
-        f"INSERT INTO schema_migrations VALUES ({migration.version},"
-        f" '{migration.name}', '{applied_at}');\n"
-        f"PRAGMA user_version = {migration.version};\n"
-        "COMMIT;"
     )
     try:
-        connection.executescript(script)
+        connection.executescript(script)  # leaves its transaction open for the steps below
+        step = DATA_STEPS.get(migration.version)
+        if step is not None:
+            step(connection)
+        connection.execute(
+            "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+            (migration.version, migration.name, applied_at),
+        )
+        connection.execute(f"PRAGMA user_version = {migration.version}")
+        connection.execute("COMMIT")
     except sqlite3.Error as exc:
         if connection.in_transaction:
             connection.rollback()

@@ -16,12 +16,40 @@ from typing import Any
 
 import aiosqlite
 
-from fsm_hub.core.events import HUB_STREAM, NewEvent, StoredEvent, encode_data, format_time, utc_now
-from fsm_hub.core.view import resolve
+from fsm_hub.core.audit import Audit, audit
+from fsm_hub.core.chain import GENESIS, link
+from fsm_hub.core.events import (
+    HUB_STREAM,
+    NewEvent,
+    StoredEvent,
+    encode_data,
+    format_time,
+    storable,
+    utc_now,
+)
+from fsm_hub.core.view import SNAPSHOT_FORMAT, Fold, View, resolve
 from fsm_hub.errors import ConcurrencyError, StoreError
+from fsm_hub.store.port import EventReader, EventWriter
 from fsm_hub.store.schema import check_header, create_file, prepare
+from fsm_hub.store.snapshots import (
+    Folded,
+    hashed_events,
+    load_fold,
+    snapshot_state,
+    stored_snapshots,
+)
 
-_INSERT = "INSERT INTO events (seq, stream, version, type, at, data) VALUES (?, ?, ?, ?, ?, ?)"
+_INSERT = "INSERT INTO events (seq, stream, version, type, at, data, hash) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_SAVE_SNAPSHOT = (
+    "INSERT OR REPLACE INTO snapshots (seq, format, head_hash, max_at, taken_at, state)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+_HEAD = "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
+_PRUNE_SNAPSHOTS = (
+    "DELETE FROM snapshots WHERE seq < (SELECT seq FROM snapshots ORDER BY seq DESC LIMIT 1 OFFSET ?)"
+)
+KEEP_SNAPSHOTS = 3
+"""Snapshots kept: the newest few (`instances --at` an older moment folds from the start)."""
 _COLUMNS = "seq, stream, version, type, at, data"
 
 log = logging.getLogger(__name__)
@@ -122,6 +150,31 @@ class EventLog:
             raise StoreError(f"cannot read event log {self.path}: {exc}") from None
         return (StoredEvent(*row) for row in cursor)
 
+    def fold(self, *, until: datetime | None = None) -> View:
+        """The view (as it was at `until`), from the newest usable snapshot plus the events after it."""
+        if self._connection is None:
+            return Fold().view()
+        try:
+            return load_fold(self._connection, until=format_time(until) if until else None).fold.view()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read event log {self.path}: {exc}") from None
+
+    def verify(self) -> Audit:
+        """`replay --verify`: one streaming pass over the log, chain and snapshots included."""
+        if self._connection is None:
+            return audit(())
+        db = self._connection
+        try:
+            seqs = stored_snapshots(db)
+            return audit(
+                hashed_events(db),
+                chain=True,
+                snapshots=seqs,
+                load_snapshot=lambda seq: snapshot_state(db, seq),
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read event log {self.path}: {exc}") from None
+
     def count(self) -> int:
         if self._connection is None:
             return 0
@@ -169,7 +222,7 @@ class _Pending:
 
 @dataclass(slots=True)
 class _Batch:
-    rows: list[tuple[int, str, int, str, str, str]] = field(default_factory=list)
+    rows: list[tuple[int, str, int, str, str, str, bytes]] = field(default_factory=list)
     pending: list[_Pending] = field(default_factory=list)
 
 
@@ -192,6 +245,8 @@ class EventStore:
         self._closing = False
         self._versions: dict[str, int] = {}
         self._seq = 0
+        self._head = GENESIS
+        self._snapshot: tuple[int, int, bytes, str, str, str] | None = None
         self._subscribers: list[Subscriber] = []
         self._reader: aiosqlite.Connection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -207,12 +262,11 @@ class EventStore:
             await connection.execute("PRAGMA journal_mode=WAL")
             await connection.execute("PRAGMA synchronous=FULL")  # durable commits
             await connection.execute("PRAGMA busy_timeout=5000")
-            async with connection.execute("SELECT coalesce(max(seq), 0) FROM events") as cur:
-                row = await cur.fetchone()
+            rows = list(await connection.execute_fetchall(_HEAD))
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open event log {path}: {exc}") from None
         store = cls(path, connection, clock)
-        store._seq = int(row[0]) if row else 0
+        store._set_head(rows)
         store._task = asyncio.create_task(store._run(), name="fsm-hub-writer")
         return store
 
@@ -223,6 +277,25 @@ class EventStore:
     @property
     def last_seq(self) -> int:
         return self._seq
+
+    def _set_head(self, rows: Sequence[Any]) -> None:
+        if rows:
+            self._seq, self._head = int(rows[0][0]), rows[0][1] or GENESIS
+        else:
+            self._seq, self._head = 0, GENESIS
+
+    def save_snapshot(self, fold: Fold) -> None:
+        """Have the writer store `fold`'s state, which must be the log up to its head, in turn.
+
+        Only the latest request is kept; a snapshot is derived data, so a failure is logged only.
+        """
+        head = fold.head_hash
+        if head is None or fold.last_seq == 0:
+            return
+        state = json.dumps(fold.to_snapshot(), ensure_ascii=False, separators=(",", ":"))
+        taken = format_time(self._clock())
+        self._snapshot = (fold.last_seq, SNAPSHOT_FORMAT, head, fold.max_at, taken, storable(state))
+        self._wakeup.set()
 
     def append(
         self,
@@ -242,7 +315,14 @@ class EventStore:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[StoredEvent] = loop.create_future()
         self._queue.append(
-            _Pending(stream, type, format_time(self._clock()), encode_data(data), expected_version, future)
+            _Pending(
+                storable(stream),
+                storable(type),
+                format_time(self._clock()),
+                storable(encode_data(data)),
+                expected_version,
+                future,
+            )
         )
         self._wakeup.set()
         return future
@@ -267,6 +347,10 @@ class EventStore:
 
     async def _run(self) -> None:
         while True:
+            if not self._queue and self._snapshot is not None:
+                snapshot, self._snapshot = self._snapshot, None
+                await self._write_snapshot(snapshot)
+                continue
             if not self._queue:
                 if self._closing:
                     return
@@ -289,11 +373,9 @@ class EventStore:
         try:
             await self._db.executemany(_INSERT, batch.rows)
             await self._db.commit()
-        except sqlite3.IntegrityError:
-            await self._recover(batch)
-            return
-        except sqlite3.Error as exc:
-            await self._recover(batch, StoreError(f"cannot write event log {self.path}: {exc}"))
+        except Exception as exc:
+            await self._forget_positions()
+            await self._isolate(batch, exc)
             return
         stored = [StoredEvent(*row) for row in batch.rows]
         for subscriber in self._subscribers:
@@ -304,6 +386,36 @@ class EventStore:
         for pending, event in zip(batch.pending, stored, strict=True):
             if not pending.future.done():
                 pending.future.set_result(event)
+
+    async def _write_snapshot(self, snapshot: tuple[int, int, bytes, str, str, str]) -> None:
+        try:
+            await self._db.execute(_SAVE_SNAPSHOT, snapshot)
+            await self._db.execute(_PRUNE_SNAPSHOTS, (KEEP_SNAPSHOTS - 1,))
+            await self._db.commit()
+        except Exception as exc:
+            with contextlib.suppress(sqlite3.Error):
+                await self._db.rollback()
+            log.warning("fsm-hub: could not save a snapshot of %s at seq %d: %s", self.path, snapshot[0], exc)
+
+    async def _isolate(self, batch: _Batch, error: Exception) -> None:
+        """After a failed transaction: write its events one by one, so a bad one fails alone.
+
+        A blind append that lost a race for its stream version is numbered again once.
+        """
+        if len(batch.pending) > 1:
+            for pending in batch.pending:
+                await self._write([pending])
+            return
+        [pending] = batch.pending
+        if _is_version_conflict(error):
+            if pending.expected_version is None and not pending.retried:
+                pending.retried = True
+                await self._write([pending])
+            else:
+                stream = pending.stream
+                _fail(pending, ConcurrencyError(f"stream {stream!r} was appended to meanwhile"))
+            return
+        _fail(pending, StoreError(f"cannot write event log {self.path}: {error}"))
 
     async def _number(self, queued: list[_Pending]) -> _Batch:
         """Give each queued event its seq and stream version; refuse stale expectations."""
@@ -323,8 +435,10 @@ class EventStore:
                 continue
             self._seq += 1
             self._versions[stream] = current + 1
+            seq, version = self._seq, current + 1
+            self._head = link(self._head, seq, stream, version, pending.type, pending.at, pending.data_json)
             batch.rows.append(
-                (self._seq, stream, current + 1, pending.type, pending.at, pending.data_json)
+                (seq, stream, version, pending.type, pending.at, pending.data_json, self._head)
             )
             batch.pending.append(pending)
         return batch
@@ -337,28 +451,29 @@ class EventStore:
         for stream in ordered:
             self._versions[stream] = found.get(stream, 0)
 
-    async def _recover(self, batch: _Batch, failure: StoreError | None = None) -> None:
-        """After a failed transaction: forget cached positions, retry blind appends once."""
+    async def _forget_positions(self) -> None:
+        """Roll back and re-read where the log ends: the cached positions may be wrong now."""
         with contextlib.suppress(sqlite3.Error):
             await self._db.rollback()
         self._versions.clear()
-        rows = await self._db.execute_fetchall("SELECT coalesce(max(seq), 0) FROM events")
-        self._seq = int(next(iter(rows))[0])
-        retry: list[_Pending] = []
-        for pending in batch.pending:
-            if failure is None and pending.expected_version is None and not pending.retried:
-                pending.retried = True
-                retry.append(pending)
-            elif failure is None:
-                stream = pending.stream
-                _fail(pending, ConcurrencyError(f"stream {stream!r} was appended to meanwhile"))
-            else:
-                _fail(pending, failure)
-        if retry:
-            self._queue[:0] = retry
-            self._wakeup.set()
+        self._set_head(list(await self._db.execute_fetchall(_HEAD)))
 
     # -- reads for the live hub ---------------------------------------------------------------
+
+    async def load_fold(self) -> Folded:
+        """The fold of the whole log, from its newest usable snapshot plus the events after it."""
+
+        def load() -> Folded:
+            connection = sqlite3.connect(self.path)
+            try:
+                return load_fold(connection)
+            finally:
+                connection.close()
+
+        try:
+            return await asyncio.to_thread(load)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read event log {self.path}: {exc}") from None
 
     async def read(
         self, *, stream: str | None = None, until: str | None = None, last: int | None = None
@@ -371,6 +486,15 @@ class EventStore:
         return [StoredEvent(*row) for row in rows]
 
 
+def _is_version_conflict(error: Exception) -> bool:
+    """Another writer took the seq or the stream version first (not a trigger, not a CHECK)."""
+    return isinstance(error, sqlite3.IntegrityError) and "UNIQUE constraint failed: events." in str(error)
+
+
 def _fail(pending: _Pending, error: Exception) -> None:
     if not pending.future.done():  # the producer may have given up waiting
         pending.future.set_exception(error)
+
+
+def _conforms(log: EventLog, store: EventStore) -> tuple[EventReader, EventWriter]:
+    return log, store  # mypy checks that both classes provide their port

@@ -30,8 +30,9 @@ from fsm_hub.discovery.directory import (
     Updated,
     process_is_running,
 )
-from fsm_hub.errors import InstanceUnavailable
+from fsm_hub.errors import InstanceUnavailable, LogUnwritable, StoreError
 from fsm_hub.store.recorder import recorded_machine
+from fsm_hub.store.snapshots import SNAPSHOT_EVERY
 from fsm_hub.store.sqlite import EventStore
 from fsm_hub.supervision.supervisor import (
     DEFAULT_TIMING,
@@ -43,6 +44,7 @@ from fsm_hub.supervision.supervisor import (
     Sleep,
     Supervisor,
     Timing,
+    backoff_delay,
     timer,
 )
 
@@ -91,8 +93,10 @@ class Hub:
         sleep: Sleep = timer,
         connector: Connector | None = None,
         rng: random.Random | None = None,
+        snapshot_every: int = SNAPSHOT_EVERY,
     ) -> None:
         self.store = store
+        self.snapshot_every = snapshot_every
         self.discovery = discovery
         self.timing = timing
         self._sleep = sleep
@@ -100,11 +104,20 @@ class Hub:
         self._rng = rng or random.Random()
         self._http: aiohttp.ClientSession | None = None
         self._fold = Fold()
+        self._snapshot_seq = 0
+        self.started_from = (0, 0)
+        """(seq of the snapshot start-up folded from, events folded after it)."""
         self._view: View | None = None
         self._supervisors: dict[str, Supervisor] = {}
         self._listeners: list[InstanceListener] = []
         self._discovery_task: asyncio.Task[None] | None = None
         self._frozen = False
+        self._stopping = False
+        self._restarts: set[asyncio.Task[None]] = set()
+        self._restart_counts: dict[str, int] = {}
+        self._failure_listeners: list[Callable[[LogUnwritable], None]] = []
+        self.failure: LogUnwritable | None = None
+        """Set once the log refused a transition for good: the hub must stop serving."""
         self._started = time.monotonic()
         self.open_sessions: set[str] = set()
         """Ids of the MCP sessions connected to this hub now, bound to an instance or not."""
@@ -120,7 +133,11 @@ class Hub:
                 timeout=aiohttp.ClientTimeout(total=None),
             )
             self._connector = self._default_connector
-        self._fold.apply(await self.store.read())
+        folded = await self.store.load_fold()
+        self._fold = folded.fold
+        self.started_from = (folded.snapshot_seq, folded.tail)
+        # A snapshot that had to be ignored is rebuilt at the first commit.
+        self._snapshot_seq = -self.snapshot_every if folded.ignored else folded.snapshot_seq
         self.store.subscribe(self._committed)
         await self.store.append(
             HUB_STREAM,
@@ -135,7 +152,7 @@ class Hub:
         first = await anext(changes)
         await self._reconcile(first, initial=True)
         for supervisor in self._supervisors.values():
-            supervisor.start()
+            self._start(supervisor)
         self._freeze_long_lived()
         self._discovery_task = asyncio.create_task(self._follow(changes), name="fsm-hub-discovery")
 
@@ -153,6 +170,10 @@ class Hub:
 
     async def stop(self, reason: str = "stopped") -> None:
         """Cancel everything and record `hub_stopped` — and nothing else: no instance dies."""
+        self._stopping = True
+        for restart in self._restarts:
+            restart.cancel()
+        await asyncio.gather(*self._restarts, return_exceptions=True)
         if self._discovery_task is not None:
             self._discovery_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -163,7 +184,13 @@ class Hub:
         if self._frozen:
             gc.unfreeze()  # what died meanwhile can be collected again
             self._frozen = False
-        await self.store.append(HUB_STREAM, EventType.HUB_STOPPED, {"pid": os.getpid(), "reason": reason})
+        try:
+            await self.store.append(HUB_STREAM, EventType.HUB_STOPPED, {"pid": os.getpid(), "reason": reason})
+        except StoreError:
+            if self.failure is None:
+                raise
+            return  # the log is what failed: stopping must not fail on it again
+        self.store.save_snapshot(self._fold)  # written before the store closes
 
     def _freeze_long_lived(self) -> None:
         """Keep the cyclic collector off the supervisors' state machines.
@@ -207,14 +234,15 @@ class Hub:
                     await self._gone(instance.id, self._why_missing(instance))
 
     async def _announced(self, announcement: Announcement, *, start: bool) -> None:
-        known = self.view.instances.get(announcement.id)
+        known = self._fold.instance(announcement.id)
         data = announced(announcement)
         if known is None:
             await self.store.append(announcement.id, EventType.INSTANCE_DISCOVERED, data)
-            instance = self.view.instances[announcement.id]
+            instance = self._fold.instance(announcement.id)
+            assert instance is not None  # committed, hence folded, before the append returned
             supervisor = await self._supervise(instance)
             if start:
-                supervisor.start()
+                self._start(supervisor)
             return
         if (known.name, known.directory, evidence(known)) != (
             announcement.name,
@@ -228,7 +256,7 @@ class Hub:
         if existing is None:  # a dead instance from an earlier run, back with new evidence
             supervisor = await self._supervise(known)
             if start:
-                supervisor.start()
+                self._start(supervisor)
         else:
             supervisor = existing
         await supervisor.deliver(Rediscover(announcement.url, what_changed(known, announcement)))
@@ -270,11 +298,82 @@ class Hub:
         self._supervisors[instance.id] = supervisor
         return supervisor
 
+    # -- supervisors that fail ------------------------------------------------------------------
+
+    def _start(self, supervisor: Supervisor) -> None:
+        task = supervisor.start()
+        task.add_done_callback(lambda done: self._ended(supervisor, done))
+
+    def _ended(self, supervisor: Supervisor, task: asyncio.Task[None]) -> None:
+        """A supervisor's loop never returns: if it ended with an error, nobody may miss it."""
+        if task.cancelled() or self._stopping:
+            return
+        error = task.exception()
+        if error is None or self._supervisors.get(supervisor.instance_id) is not supervisor:
+            return
+        if isinstance(error, LogUnwritable):
+            self._fail(error)
+            return
+        restart = asyncio.create_task(
+            self._restart(supervisor, error), name=f"restart-{supervisor.instance_id}"
+        )
+        self._restarts.add(restart)
+        restart.add_done_callback(self._restarts.discard)
+
+    async def _restart(self, failed: Supervisor, error: BaseException) -> None:
+        """Record the failure on the hub stream, then supervise the instance again from the fold.
+
+        Commit-then-change keeps the folded state equal to the failed machine's, so the new
+        supervisor carries on where the old one stopped. Repeated failures back off.
+        """
+        instance_id = failed.instance_id
+        count = self._restart_counts[instance_id] = self._restart_counts.get(instance_id, 0) + 1
+        described = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        log.error("supervisor of %s failed (%s); restarting it", instance_id, described)
+        try:
+            await self.store.append(
+                HUB_STREAM,
+                EventType.SUPERVISOR_FAILED,
+                {"instance": instance_id, "error": described, "restart": count},
+            )
+        except StoreError as exc:
+            self._fail(LogUnwritable(str(exc)))
+            return
+        await failed.stop()
+        if count > 1:
+            await self._sleep(backoff_delay(count - 1, self.timing, self._rng))
+        instance = self._fold.instance(instance_id)
+        if instance is None or self._stopping:
+            return
+        supervisor = await self._supervise(instance)
+        if instance.state != "dead":
+            # Whatever session the failed loop held is closed: connect afresh, as on a restart.
+            await supervisor.deliver(Rediscover(instance.url or "", "supervisor restarted"))
+        self._start(supervisor)
+        self._changed(supervisor)
+
+    def on_failure(self, listener: Callable[[LogUnwritable], None]) -> None:
+        """Call `listener` once if the log becomes unwritable (the hub must then stop)."""
+        self._failure_listeners.append(listener)
+        if self.failure is not None:
+            listener(self.failure)
+
+    def _fail(self, error: LogUnwritable) -> None:
+        if self.failure is not None:
+            return
+        self.failure = error
+        for listener in self._failure_listeners:
+            listener(error)
+
     # -- the view ---------------------------------------------------------------------------
 
     def _committed(self, events: Sequence[StoredEvent]) -> None:
-        self._fold.apply(events)
+        fold = self._fold
+        fold.apply(events)
         self._view = None
+        if fold.last_seq - self._snapshot_seq >= self.snapshot_every:
+            self.store.save_snapshot(fold)
+            self._snapshot_seq = fold.last_seq
 
     @property
     def view(self) -> View:
@@ -301,7 +400,7 @@ class Hub:
         return resolve(ref, view.instances.keys(), {i.id: i.name for i in view.instances.values()})
 
     def instance(self, instance_id: str) -> InstanceView | None:
-        return self.view.instances.get(instance_id)
+        return self._fold.instance(instance_id)
 
     def state(self, instance_id: str) -> str:
         supervisor = self._supervisors.get(instance_id)

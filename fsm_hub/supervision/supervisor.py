@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from fsm_hub.core.machine import InstanceMachine
-from fsm_hub.errors import InstanceUnavailable, TransportError
+from fsm_hub.errors import InstanceUnavailable, LogUnwritable, StoreError, TransportError
 from fsm_hub.mcp.protocol import as_call_tool_result
 from fsm_hub.store.recorder import fire
 
@@ -44,6 +44,10 @@ class Timing:
     """Connect attempts after which a failing instance is `dead`."""
     call_timeout: float = 300.0
     """Budget for one routed request (tool calls can be long)."""
+    record_attempts: int = 5
+    """Appends of one transition tried (with backoff) before the log counts as unwritable."""
+    record_backoff: float = 0.05
+    """First pause between those appends; doubles each time."""
 
 
 DEFAULT_TIMING = Timing()
@@ -156,6 +160,7 @@ class Supervisor:
         self._inbox: deque[Command] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        machine.add_listener(self)  # type: ignore[no-untyped-call]  # for on_enter_active
 
     # -- outside world ----------------------------------------------------------------------
 
@@ -233,8 +238,8 @@ class Supervisor:
         try:
             while True:
                 await self._step()
-        except asyncio.CancelledError:
-            raise
+        except (asyncio.CancelledError, LogUnwritable):
+            raise  # the hub reports an unwritable log once, as one line
         except Exception:
             log.exception("supervisor of %s failed", self.instance_id)
             raise
@@ -274,10 +279,25 @@ class Supervisor:
             finally:
                 await _close_quietly(client)
             return
-        self._client, self.tools, self.last_error = client, tools, None
         version = client.protocol_version or "?"
-        await self._fire("connected", reason=f"handshake ok (MCP {version}, {len(tools)} tools)")
+        try:
+            # `on_enter_active` installs the session as the machine enters `active`: after the
+            # commit, and in the same step as the state change, so nobody sees one without the other.
+            await self._fire(
+                "connected", reason=f"handshake ok (MCP {version}, {len(tools)} tools)", notify=False,
+                session=(client, tools),
+            )
+        except BaseException:
+            await _close_quietly(client)  # not committed: nothing may route through it
+            raise
         self._listen(client)
+        self._on_change(self)
+
+    def on_enter_active(self, session: tuple[InstanceClient, list[dict[str, Any]]] | None = None) -> None:
+        """The machine's listener: `connected` is committed and the state is changing now."""
+        if session is not None:
+            self._client, self.tools = session
+            self.last_error = None
 
     async def _handshake(self, client: InstanceClient) -> list[dict[str, Any]]:
         await client.initialize()
@@ -324,9 +344,27 @@ class Supervisor:
         elif isinstance(command, RefreshTools) and self.state == "active":
             await self._refresh_tools()
 
-    async def _fire(self, event: str, *, reason: str, error: str | None = None) -> None:
-        await fire(self.machine, event, reason=reason, error=error)
-        self._on_change(self)
+    async def _fire(
+        self, event: str, *, reason: str, error: str | None = None, notify: bool = True, **details: Any
+    ) -> None:
+        """Commit and take the transition; a failed append is retried with backoff.
+
+        Until the append succeeds the machine stays in its source state. If the log keeps
+        refusing, LogUnwritable ends this loop and the hub stops serving state it cannot record.
+        """
+        delay = self.timing.record_backoff
+        for attempt in range(1, self.timing.record_attempts + 1):
+            try:
+                await fire(self.machine, event, reason=reason, error=error, **details)
+                break
+            except StoreError as exc:
+                if attempt == self.timing.record_attempts:
+                    raise LogUnwritable(str(exc)) from None
+                log.info("recording %s of %s failed (%s); retrying", event, self.instance_id, exc)
+                await self._sleep(delay)
+                delay *= 2
+        if notify:
+            self._on_change(self)
 
     async def _refresh_tools(self) -> None:
         client = self._client

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fsm_hub.core.audit import audit
-from fsm_hub.core.events import NewEvent, StoredEvent, parse_time
+from fsm_hub.core.events import NewEvent, StoredEvent, parse_time, transition_data
 from fsm_hub.errors import (
     AmbiguousInstance,
     ConcurrencyError,
@@ -31,7 +31,7 @@ from fsm_hub.errors import (
 )
 from fsm_hub.store.schema import APPLICATION_ID, latest_version
 from fsm_hub.store.sqlite import EventLog, EventStore
-from tests.logs import LogBuilder, Sample
+from tests.logs import LogBuilder, Sample, refuse_transitions_to
 
 OpenStore = Callable[[], Awaitable[EventStore]]
 CRASH_WRITER = Path(__file__).resolve().parents[1] / "servers" / "crash_writer.py"
@@ -199,6 +199,28 @@ class EventStoreContract:
         assert read == stored
 
 
+    async def test_a_lone_surrogate_is_replaced_and_its_batch_commits(self, open_store: OpenStore) -> None:
+        store = await open_store()
+        batches: list[int] = []
+        store.subscribe(lambda batch: batches.append(len(batch)))
+        reason = "bad \udc80 bytes from an instance"
+        ok = transition_data("connect", "discovered", "connecting", reason="ok")
+        odd = transition_data("connect", "discovered", "connecting", reason=reason)
+        appended = [
+            store.append("s1", "transition", ok),
+            store.append("s2", "transition", odd),
+            store.append("s\ud800", "instance_updated", {"name": "n\udfff"}),
+            store.append("s3", "instance_updated", {"name": "fine"}),
+        ]
+        stored = await asyncio.gather(*appended)
+        assert batches == [4]  # one batch, all committed
+        events = await store.read()
+        assert [e.seq for e in events] == [e.seq for e in stored]
+        assert events[1].data["reason"] == "bad \ufffd bytes from an instance"
+        assert (events[2].stream, events[2].data["name"]) == ("s\ufffd", "n\ufffd")
+        assert events[3].data == {"name": "fine"}
+        assert audit(events).violation_count == 0
+
 class TestSqliteEventStore(EventStoreContract):
     @pytest.fixture
     async def open_store(self, db_path: Path) -> AsyncIterator[OpenStore]:
@@ -211,6 +233,24 @@ class TestSqliteEventStore(EventStoreContract):
         yield open_store
         for store in opened:
             await store.close()
+
+    async def test_an_append_the_file_refuses_fails_only_its_producer(
+        self, store: EventStore, db_path: Path
+    ) -> None:
+        refuse_transitions_to(db_path, "active")
+        ok = transition_data("connect", "discovered", "connecting", reason="")
+        bad = transition_data("connected", "connecting", "active", reason="")
+        results = await asyncio.gather(
+            store.append("a", "transition", ok),
+            store.append("b", "transition", bad),
+            store.append("c", "transition", ok),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], StoreError) and "disk says no" in str(results[1])
+        assert str(db_path) in str(results[1])
+        assert [type(r) for r in (results[0], results[2])] == [StoredEvent, StoredEvent]
+        assert [(e.seq, e.stream) for e in await store.read()] == [(1, "a"), (2, "c")]
+        assert (await store.append("b", "transition", ok)).version == 1  # the writer goes on
 
     async def test_unique_stream_version_is_enforced_by_sqlite(self, store: EventStore) -> None:
         await store.append("s", "instance_updated", {})
@@ -240,7 +280,7 @@ class TestSqliteEventStore(EventStoreContract):
             assert raw.execute("PRAGMA user_version").fetchone()[0] == latest_version()
             names = [row[0] for row in raw.execute("SELECT name FROM schema_migrations ORDER BY version")]
             assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert names == ["0001_events.sql"]
+        assert names == ["0001_events.sql", "0002_hash_chain.sql", "0003_snapshots.sql"]
 
     async def test_an_empty_file_becomes_a_log(self, tmp_path: Path) -> None:
         path = tmp_path / "empty.db"
@@ -301,6 +341,7 @@ class TestSqliteEventStore(EventStoreContract):
         with pytest.raises(SchemaTooNew):
             EventLog.open(db_path)
 
+    @pytest.mark.e2e  # spawns a subprocess
     async def test_a_crash_mid_batch_loses_only_unacknowledged_events(self, db_path: Path) -> None:
         db_path.parent.mkdir(parents=True)
         writer = await asyncio.create_subprocess_exec(

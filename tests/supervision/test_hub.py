@@ -172,6 +172,7 @@ def cli(*args: str | Path) -> str:
     return result.stdout
 
 
+@pytest.mark.e2e  # spawns a subprocess
 async def test_instances_come_up_and_a_killed_one_dies_then_returns_on_a_new_port(
     lab: Lab, start_hub: Callable[..., Awaitable[Running]]
 ) -> None:
@@ -223,6 +224,7 @@ async def test_instances_come_up_and_a_killed_one_dies_then_returns_on_a_new_por
     }
 
 
+@pytest.mark.e2e  # spawns a subprocess
 async def test_an_instance_that_stops_answering_is_retried_until_dead(
     lab: Lab, start_hub: Callable[..., Awaitable[Running]]
 ) -> None:
@@ -270,6 +272,7 @@ async def test_an_instance_that_stops_answering_is_retried_until_dead(
     assert (await transitions(running.store, "hung"))[-3:] == [("rediscover", "dead", "discovered"), *CONNECT]
 
 
+@pytest.mark.e2e  # spawns a subprocess
 async def test_stop_records_only_hub_stopped_and_a_restart_reconciles(
     lab: Lab, start_hub: Callable[..., Awaitable[Running]], sdk_server: SdkServerFactory
 ) -> None:
@@ -393,3 +396,67 @@ async def test_stop_leaves_no_task_socket_or_session(
         running.stopped = True
     finally:
         await hang.stop()
+
+
+async def test_a_failed_supervisor_is_recorded_and_restarted_from_the_fold(
+    lab: Lab, start_hub: Callable[..., Awaitable[Running]], fake_mcp: FakeFactory
+) -> None:
+    fake, other = await fake_mcp(), await fake_mcp()
+    lab.announce("crashy", port_of(fake.url))
+    lab.announce("calm", port_of(other.url))
+    running = await start_hub()
+    await running.settle(crashy="active", calm="active")
+    before = running.hub._supervisors["crashy"]
+    await eventually(lambda: bool(running.clock.sleeping("supervise-crashy")), what="crashy waits to ping")
+
+    running.clock.fail("supervise-crashy", RuntimeError("timer broke"))  # its loop dies
+
+    def failures() -> list[dict[str, Any]]:
+        return [e.data for e in running.committed.events if e.type == "supervisor_failed"]
+
+    await eventually(lambda: bool(failures()), what="the failure on the hub stream")
+    assert failures() == [{"instance": "crashy", "error": "RuntimeError: timer broke", "restart": 1}]
+    [failed] = [e for e in running.committed.events if e.type == "supervisor_failed"]
+    assert failed.stream == HUB_STREAM
+    await eventually(lambda: running.hub._supervisors["crashy"] is not before, what="a new supervisor")
+    await eventually(lambda: running.hub._supervisors["crashy"].running, what="the new supervisor runs")
+    # The committed state was already active before the crash: wait for the restart's own events.
+    for _ in range(500):
+        if (await transitions(running.store, "crashy"))[2:] == RESTARTED:
+            break
+        await asyncio.sleep(0.01)
+    assert (await transitions(running.store, "crashy"))[2:] == RESTARTED
+    await running.settle(crashy="active")
+    records = await transition_data(running.store, "crashy")
+    assert records[2]["reason"] == "supervisor restarted"
+    assert await transitions(running.store, "calm") == CONNECT  # the others never noticed
+    assert running.hub.state("crashy") == "active"
+
+
+async def test_snapshots_every_k_events_and_on_a_clean_stop_feed_the_next_start(
+    lab: Lab, start_hub: Callable[..., Awaitable[Running]], fake_mcp: FakeFactory
+) -> None:
+    import sqlite3
+
+    from fsm_hub.store.snapshots import stored_snapshots
+
+    fakes = [await fake_mcp() for _ in range(3)]
+    running = await start_hub()
+    running.hub.snapshot_every = 4
+    for n, fake in enumerate(fakes):
+        lab.announce(f"s{n}", port_of(fake.url))
+    running.poll.tick()
+    await running.settle(s0="active", s1="active", s2="active")
+    await running.stop()  # hub_stopped, then a snapshot of everything
+    with sqlite3.connect(lab.db) as db:
+        seqs = stored_snapshots(db)
+        head = db.execute("SELECT max(seq) FROM events").fetchone()[0]
+    db.close()
+    assert seqs[-1] == head and len(seqs) >= 2  # periodic ones, and the one at the stop
+
+    again = await start_hub()
+    assert again.hub.started_from == (head, 0)  # the stop's snapshot, and no tail to fold
+    await again.settle(s0="active", s1="active", s2="active")
+    assert {i.id: i.state for i in again.hub.view.instances.values()} == {
+        "s0": "active", "s1": "active", "s2": "active"
+    }

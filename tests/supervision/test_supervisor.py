@@ -415,8 +415,8 @@ async def test_remove_makes_it_dead_and_rediscover_brings_it_back(
     await active(clock)
 
     supervisor.send(Remove("process 4242 is gone"))
-    await settled(committed, "dead")
-    assert supervisor.tools is None
+    await settled(committed, "dead")  # committed first; the machine moves and lets go after
+    await eventually(lambda: supervisor.state == "dead" and supervisor.tools is None, what="disconnected")
     with pytest.raises(InstanceUnavailable, match="is dead; last error: process 4242 is gone"):
         await supervisor.request("tools/list")
     supervisor.send(CheckNow())  # stale commands do not wake the dead
@@ -438,6 +438,7 @@ async def test_remove_makes_it_dead_and_rediscover_brings_it_back(
     ]
 
 
+@pytest.mark.e2e  # spawns a subprocess
 async def test_rediscover_follows_a_restart_on_a_new_port(
     supervise: Supervise, clock: ManualClock, store: EventStore, tmp_path: Path
 ) -> None:
