@@ -638,11 +638,11 @@ class Session:
         for task in list(self._inflight.values()):
             if task is not asyncio.current_task():
                 task.cancel()
-        for instance_id in list(self._upstreams):
-            await self._close_upstream(instance_id)
         if self.bound is not None:
             with contextlib.suppress(FsmHubError):
                 await self.hub.session_disconnected(self.id, self.bound, reason)
             self.bound = None
+        # Recorded first: the end is the fact; the DELETEs upstream are courtesy.
+        await asyncio.gather(*(self._close_upstream(i) for i in list(self._upstreams)))
         self.hub.forget_listener(self._instance_changed)
         self.hub.open_sessions.discard(self.id)

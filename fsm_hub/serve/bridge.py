@@ -62,6 +62,7 @@ class Bridge:
             connector=aiohttp.TCPConnector(limit=0),
         )
         self._listener: asyncio.Task[None] | None = None
+        self._closing = False
         self._initialized = asyncio.Event()
         """Clear while an initialize is on its way; set once it is answered (or failed)."""
         self._initialized.set()
@@ -80,6 +81,7 @@ class Bridge:
     async def close(self, *, end_session: bool) -> None:
         # The session ends before its stream: the owner would otherwise see the stream drop
         # first and record the bridge as gone rather than the client as done.
+        self._closing = True  # the DELETE ends our GET stream: that is not the owner being lost
         if end_session and self.session_id is not None:
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 async with self._http.delete(
@@ -188,7 +190,7 @@ class Bridge:
                             self.channel.write(data)
         # The owner ended the stream (it is stopping or gone) or refused it: not our doing,
         # since closing the bridge cancels this task first.
-        if self._on_lost is not None:
+        if self._on_lost is not None and not self._closing:
             self._on_lost(owner)
 
     async def reattach(self, call: Callable[[dict[str, Any]], Awaitable[Any]]) -> None:
