@@ -140,6 +140,8 @@ class CountingProxy:
     async def forward(self, request: Any) -> Any:
         from aiohttp import web
 
+        if request.method == "GET":  # no standalone streams: the count needs none
+            return web.Response(status=405)
         body = await request.read()
         if b'"method":"initialize"' in body.replace(b" ", b""):
             self.initializes += 1
