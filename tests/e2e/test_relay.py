@@ -212,7 +212,10 @@ async def test_logs_after_set_level_and_updates_after_subscribe(hub: Hub) -> Non
             updated = await seen.until("notifications/resources/updated")
             return {"logged": bool(logged.params.level), "updated": updated.params.uri}
 
-    assert await _same_everywhere(hub, scenario) == {"logged": True, "updated": "demo://resource/dynamic/text/1"}
+    assert await _same_everywhere(hub, scenario) == {
+        "logged": True,
+        "updated": "demo://resource/dynamic/text/1",
+    }
 
 
 async def test_session_resources_stay_with_their_client_and_announce_list_changed(hub: Hub) -> None:

@@ -1,0 +1,104 @@
+"""Each client session has its own upstream session; what the instance asks reaches that client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from fsm_hub.mcp.session import Session
+from tests.live_hub import LiveHub, until
+from tests.servers.asking import AskingMcp
+
+LiveHubFactory = Callable[..., Awaitable[LiveHub]]
+
+
+@pytest.fixture
+async def asking() -> AsyncIterator[AskingMcp]:
+    server = AskingMcp()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def _client(
+    live: LiveHub, name: str, capabilities: dict[str, Any]
+) -> tuple[Session, list[dict[str, Any]]]:
+    session, emitted = live.session(name, initialized=False)
+    hello = {"protocolVersion": "2025-11-25", "capabilities": capabilities, "clientInfo": {"name": name}}
+    answer = await session.handle({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": hello})
+    assert answer is not None and "result" in answer
+    return session, emitted
+
+
+async def _call(session: Session, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    params = {"name": name, "arguments": arguments or {}}
+    answer = await session.handle({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": params})
+    assert isinstance(answer, dict) and "result" in answer, answer
+    result: dict[str, Any] = answer["result"]
+    return result
+
+
+async def _ready(live_hub: LiveHubFactory, asking: AskingMcp) -> LiveHub:
+    live = await live_hub()
+    live.announce("q1", asking.url, name="asking")
+    await live.reach("q1", "active")
+    return live
+
+
+async def test_each_client_session_has_its_own_upstream_session(
+    live_hub: LiveHubFactory, asking: AskingMcp
+) -> None:
+    live = await _ready(live_hub, asking)
+    assert len(asking.sessions) == 1  # the supervisor's own
+    first, _ = await _client(live, "alpha", {"sampling": {}})
+    second, _ = await _client(live, "beta", {})
+    connected = await _call(first, "instances_connect", {"instance_id": "asking"})
+    assert connected["structuredContent"]["instructions"] == "ask me"
+    await _call(second, "instances_connect", {"instance_id": "asking"})
+    assert len(asking.sessions) == 1  # a bind that has not called costs no handshake
+
+    mine = (await _call(first, "whoami"))["content"][0]["text"]
+    theirs = (await _call(second, "whoami"))["content"][0]["text"]
+    assert (await _call(first, "whoami"))["content"][0]["text"] == mine  # one handshake, kept
+    assert len({mine, theirs, "s1"}) == 3 and len(asking.sessions) == 3
+    assert asking.sessions[mine].capabilities == {"sampling": {}}
+    assert asking.sessions[mine].client_info["name"] == "fsm-hub/alpha"
+    assert asking.sessions[theirs].capabilities == {}
+
+    await _call(first, "instances_disconnect")
+    assert asking.sessions[mine].deleted and not asking.sessions[theirs].deleted
+    await second.close("client went away")
+    assert asking.sessions[theirs].deleted and not asking.sessions["s1"].deleted
+
+
+async def test_a_sampling_request_reaches_the_client_and_its_answer_goes_back(
+    live_hub: LiveHubFactory, asking: AskingMcp
+) -> None:
+    live = await _ready(live_hub, asking)
+    session, emitted = await _client(live, "alpha", {"sampling": {}})
+    await _call(session, "instances_connect", {"instance_id": "asking"})
+    emitted.clear()
+    pending = asyncio.ensure_future(_call(session, "ask"))
+    await until(lambda: any(m.get("method") == "sampling/createMessage" for m in emitted))
+    question = next(m for m in emitted if m.get("method") == "sampling/createMessage")
+    assert question["id"] == "fsm-1" and question["params"]["maxTokens"] == 5  # renumbered, else unchanged
+    sampled = {"role": "assistant", "content": {"type": "text", "text": "4"}, "model": "m"}
+    assert await session.handle({"jsonrpc": "2.0", "id": "fsm-1", "result": sampled}) is None
+    told = json.loads((await asyncio.wait_for(pending, 10))["content"][0]["text"])
+    assert told["result"] == sampled and isinstance(told["id"], int) and told["id"] > 900  # its own id
+
+
+async def test_a_client_without_sampling_gets_the_instance_an_error_at_once(
+    live_hub: LiveHubFactory, asking: AskingMcp
+) -> None:
+    live = await _ready(live_hub, asking)
+    session, emitted = await _client(live, "plain", {})
+    await _call(session, "instances_connect", {"instance_id": "asking"})
+    emitted.clear()
+    told = json.loads((await asyncio.wait_for(_call(session, "ask"), 5))["content"][0]["text"])
+    assert told["error"]["code"] == -32601 and "sampling" in told["error"]["message"]
+    assert not any(m.get("method") == "sampling/createMessage" for m in emitted)
