@@ -141,7 +141,7 @@ async def test_a_session_routed_to_an_instance_that_dies(
         await eventually(lambda: heard.tools_changed > changes)
         await eventually(lambda: _lists(client, *HUB_TOOLS, only=True))
         dead = await client.call_tool("echo", {"text": "anyone?"})
-        expected = f"instance {api.id} is dead (attempt 3); last error: "
+        expected = f"instance {api.id} is dead (3 connect attempts failed); last error: "
         assert dead.is_error and expected in dead.content[0].text
         listed = (await client.call_tool("instances_list", {})).structured_content["instances"]
         assert listed[0]["state"] == "dead" and listed[0]["last_error"] and listed[0]["retry_count"] == 3

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from fsm_hub.mcp.session import Session
-from tests.live_hub import LiveHub, until
+from tests.live_hub import FAST, LiveHub, until
 from tests.servers.asking import AskingMcp
+from tests.servers.flaky import FlakyMcp
 
 LiveHubFactory = Callable[..., Awaitable[LiveHub]]
 
@@ -102,3 +105,25 @@ async def test_a_client_without_sampling_gets_the_instance_an_error_at_once(
     told = json.loads((await asyncio.wait_for(_call(session, "ask"), 5))["content"][0]["text"])
     assert told["error"]["code"] == -32601 and "sampling" in told["error"]["message"]
     assert not any(m.get("method") == "sampling/createMessage" for m in emitted)
+
+
+async def test_a_retrying_instance_keeps_its_tools_listed_and_fails_calls_at_once(
+    live_hub: LiveHubFactory, flaky_mcp: Callable[..., Awaitable[FlakyMcp]]
+) -> None:
+    flaky = await flaky_mcp()
+    live = await live_hub(replace(FAST, backoff_base=3600.0, backoff_cap=3600.0))  # it stays retrying
+    live.announce("f1", flaky.url, name="flaky")
+    await live.reach("f1", "active")
+    session, emitted = await _client(live, "alpha", {})
+    await _call(session, "instances_connect", {"instance_id": "flaky"})
+    emitted.clear()
+    await flaky.down()
+    await live.reach("f1", "retrying")
+    listed = await session.handle({"jsonrpc": "2.0", "id": 3, "method": "tools/list"})
+    assert isinstance(listed, dict) and "echo" in {t["name"] for t in listed["result"]["tools"]}
+    assert not any(m["method"] == "notifications/tools/list_changed" for m in emitted)  # no churn
+    started = time.perf_counter()
+    failed = await _call(session, "echo", {"text": "x"})
+    assert time.perf_counter() - started < 0.5
+    text = failed["content"][0]["text"]
+    assert failed["isError"] and "f1 is retrying (0 connect attempts failed); last error: " in text
