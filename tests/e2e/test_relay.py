@@ -74,8 +74,17 @@ async def _elicitation(context: Any, params: Any) -> mcp_types.ElicitResult:
     return mcp_types.ElicitResult(action="accept", content={"name": "Ada", "color": "blue"})
 
 
-async def _roots(context: Any) -> mcp_types.ListRootsResult:
-    return mcp_types.ListRootsResult(roots=ROOTS)
+class Roots:
+    """The client's roots; `changed()` swaps in a second one (the client then says so)."""
+
+    def __init__(self) -> None:
+        self.roots = list(ROOTS)
+
+    def changed(self) -> None:
+        self.roots = [*ROOTS, mcp_types.Root(uri="file:///work/second", name="second")]
+
+    async def __call__(self, context: Any) -> mcp_types.ListRootsResult:
+        return mcp_types.ListRootsResult(roots=self.roots)
 
 
 @dataclass
@@ -171,14 +180,24 @@ async def _same_everywhere(hub: Hub, scenario: Callable[[Callable[..., Any]], Aw
 
 async def test_sampling_elicitation_and_roots_reach_the_client_on_every_path(hub: Hub) -> None:
     async def scenario(connect: Callable[..., Any]) -> Any:
+        roots_of_client = Roots()
         async with connect(
-            sampling_callback=_sampling, elicitation_callback=_elicitation, list_roots_callback=_roots
+            sampling_callback=_sampling,
+            elicitation_callback=_elicitation,
+            list_roots_callback=roots_of_client,
         ) as client:
             names = {tool.name for tool in (await client.list_tools()).tools}
             assert {"trigger-sampling-request", "trigger-elicitation-request", "get-roots-list"} <= names
             sampled = _text(await client.call_tool("trigger-sampling-request", {"prompt": "hello"}))
             elicited = _text(await client.call_tool("trigger-elicitation-request", {}))
             roots = _text(await client.call_tool("get-roots-list", {}))
+            roots_of_client.changed()
+            await client.send_roots_list_changed()  # the server asks again for this client's roots
+
+            async def second_root() -> bool:
+                return "file:///work/second" in _text(await client.call_tool("get-roots-list", {}))
+
+            await eventually(second_root, 10)
             return {"sampled": sampled, "elicited": elicited, "roots": roots}
 
     outcome = await _same_everywhere(hub, scenario)
