@@ -127,3 +127,24 @@ async def test_a_retrying_instance_keeps_its_tools_listed_and_fails_calls_at_onc
     assert time.perf_counter() - started < 0.5
     text = failed["content"][0]["text"]
     assert failed["isError"] and "f1 is retrying (0 connect attempts failed); last error: " in text
+
+
+async def test_get_stream_notifications_reach_only_their_client_and_the_stream_is_reopened(
+    live_hub: LiveHubFactory, asking: AskingMcp
+) -> None:
+    live = await _ready(live_hub, asking)
+    mine, heard = await _client(live, "alpha", {})
+    other, overheard = await _client(live, "beta", {})
+    for session in (mine, other):
+        await _call(session, "instances_connect", {"instance_id": "asking"})
+        await _call(session, "whoami")  # opens its own upstream session (and its GET stream)
+    heard.clear()
+    overheard.clear()
+    changed = ["notifications/prompts/list_changed", "notifications/resources/list_changed"]
+    await _call(mine, "announce")
+    await until(lambda: [m["method"] for m in heard] == changed)
+    await _call(mine, "announce")  # each event ended its stream: only a reopened one brings these
+    await until(lambda: [m["method"] for m in heard] == changed * 2)
+    assert overheard == []
+    upstream = next(s for s in asking.live() if s.client_info["name"] == "fsm-hub/alpha")
+    assert upstream.last_event_ids[0] is None and upstream.last_event_ids[1] is not None
