@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from fsm_hub.core.display import redact
 from fsm_hub.errors import FsmHubError, InstanceUnavailable, TransportError
 
 if TYPE_CHECKING:
@@ -199,6 +200,7 @@ def tool_error(message: str) -> dict[str, Any]:
 
 def tool_result(payload: dict[str, Any]) -> dict[str, Any]:
     """Structured content plus the same JSON as text, for clients that read only text."""
+    payload = redact(payload)  # URL credentials are never shown to the model
     return {
         "content": [{"type": "text", "text": json.dumps(payload, ensure_ascii=False)}],
         "structuredContent": payload,

@@ -21,6 +21,7 @@ from fsm_hub.errors import FsmHubError
 from fsm_hub.mcp import jsonrpc
 from fsm_hub.mcp.jsonrpc import INTERNAL_ERROR, JsonRpcDecodeError, decode_error, error_response, parse_error
 from fsm_hub.mcp.session import Session
+from fsm_hub.observe import banner
 from fsm_hub.serve.attach import AttachMachine
 from fsm_hub.serve.bridge import Bridge, OwnerGone
 from fsm_hub.serve.ownership import Owner, Ownership
@@ -41,6 +42,10 @@ MAX_IN_FLIGHT = 16
 RELAY_POLL = 0.2
 """Seconds between an attached `serve --http`'s looks at whether the log's owner is gone."""
 DEFAULT_LIMITS = HttpLimits()
+
+DISCOVERY_HEAD_START = 0.25
+"""Seconds the first look at the instances directory may take before clients are served anyway
+(a small directory is then complete at the first call; a huge one fills in while serving)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +81,9 @@ class OwnedHub:
         discovery = Discovery(options.instances_dir, allow_remote=options.allow_remote)
         self.hub = Hub(self.store, discovery, timing=options.timing)
         try:
-            await self.hub.start()
+            await self.hub.start(wait_for_discovery=False)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.hub.discovered.wait(), DISCOVERY_HEAD_START)
             if settle:
                 await self.hub.settle(settle)
             token = secrets.token_urlsafe(24)
@@ -87,7 +94,7 @@ class OwnedHub:
                 public = HttpEndpoint(self.hub, *options.http, limits=options.limits)
                 self.endpoints.append(public)
                 url = await public.start()
-                log.warning("fsm-hub: serving MCP over Streamable HTTP at %s", url)
+                log.info("fsm-hub: serving MCP over Streamable HTTP at %s", url)
         except asyncio.CancelledError:
             await self.stop("stopped while starting")
             raise
@@ -120,13 +127,14 @@ async def serve(options: ServeOptions) -> int:
     if ownership.try_acquire():
         owned = OwnedHub(options, ownership)
         hub = await owned.start()
+        banner.owner(options, owned)
         hub.on_failure(lambda _: stop.set())
         if channel is None:
             await stop.wait()
             await owned.stop("log unwritable" if hub.failure else "signal")
             return _exit_code(hub)
-        await _serve_stdio(channel, owned, _stdio_session(hub, channel, options), stop)
-        return _exit_code(hub)
+        code = await _serve_stdio(channel, owned, _stdio_session(hub, channel, options), stop)
+        return _exit_code(hub) or code
     relay: HttpRelay | None = None
     if options.http is not None:
         # The public endpoint relays to whoever owns the log; a takeover here must not bind it again.
@@ -254,6 +262,7 @@ async def _attach(
     owner = await _wait_for_owner(ownership)
     if owner is None:
         return await _take_over_or_fail(channel, options, ownership, stop, set())
+    banner.attached(options, owner)
     tasks: set[asyncio.Task[Any]] = set()
     attachment = AttachMachine()
     owned: OwnedHub | None = None
@@ -400,9 +409,10 @@ async def _take_over_or_fail(
         raise FsmHubError(f"another fsm-hub holds {ownership.lock_path} but advertises no endpoint")
     owned = OwnedHub(options, ownership)
     hub = await owned.start()
+    banner.owner(options, owned)
     hub.on_failure(lambda _: stop.set())
-    await _serve_stdio(channel, owned, _stdio_session(hub, channel, options), stop, tasks)
-    return _exit_code(hub)
+    code = await _serve_stdio(channel, owned, _stdio_session(hub, channel, options), stop, tasks)
+    return _exit_code(hub) or code
 
 
 def _exit_code(hub: Hub) -> int:

@@ -36,6 +36,7 @@ from fsm_hub.mcp.protocol import JSON, SESSION_HEADER, SSE, accepts, ip_literal,
 from fsm_hub.mcp.session import METHODS, Session, request_emit
 from fsm_hub.supervision.hub import Hub
 from fsm_hub.transports.connections import ConnectionGuard, Guarded, retrieve
+from fsm_hub.transports.dashboard import Dashboard
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,8 @@ class HttpEndpoint:
         app.router.add_post(INSTANCE_PATH, self._post)
         app.router.add_get(INSTANCE_PATH, self._get)
         app.router.add_delete(INSTANCE_PATH, self._delete)
+        if self.token is None:  # the public endpoint also serves the dashboard at /
+            Dashboard(self.hub, self._refusal).register(app)
         self._runner, self.port = await start_guarded(app, self.host, self.port, self.connections)
         self._sweeper = asyncio.create_task(self._sweep(), name=f"sessions-expiry {self.port}")
         return self.url
