@@ -68,6 +68,8 @@ HUB_MODE_CAPABILITIES: dict[str, Any] = {
 """Fixed at `initialize`, before any binding: what any bound instance may offer is declared, and
 answered with the instance's own error (or `{}` for `logging/setLevel`) where it lacks it."""
 
+TASK_METHODS = frozenset({"tasks/get", "tasks/result", "tasks/list", "tasks/cancel"})
+
 CLIENT_CAPABILITY_OF = {
     "sampling/createMessage": "sampling",
     "elicitation/create": "elicitation",
@@ -220,7 +222,7 @@ class Session:
             return await self._forward_list(method, params)
         if method in ("resources/read", "prompts/get", "completion/complete"):
             return await self._forward(method, params)
-        if method in ("resources/subscribe", "resources/unsubscribe") or method.startswith("tasks/"):
+        if method in ("resources/subscribe", "resources/unsubscribe") or method in TASK_METHODS:
             return await self._forward(method, params)
         if method == "logging/setLevel":
             return await self._set_level(params)
