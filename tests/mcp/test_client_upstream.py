@@ -148,3 +148,38 @@ async def test_get_stream_notifications_reach_only_their_client_and_the_stream_i
     assert overheard == []
     upstream = next(s for s in asking.live() if s.client_info["name"] == "fsm-hub/alpha")
     assert upstream.last_event_ids[0] is None and upstream.last_event_ids[1] is not None
+
+
+async def test_a_per_instance_session_follows_its_instance_across_a_restart_on_another_port(
+    live_hub: LiveHubFactory, flaky_mcp: Callable[..., Awaitable[FlakyMcp]]
+) -> None:
+    first = await flaky_mcp()
+    live = await live_hub()
+    live.announce("f1", first.url, name="api")
+    await live.reach("f1", "active")
+    emitted: list[dict[str, Any]] = []
+    session = Session(live.hub, "per-instance", emitted.append, instance="api")
+    try:
+        hello = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "one-shot"}}
+        answer = await session.handle({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": hello})
+        assert isinstance(answer, dict) and answer["result"]["protocolVersion"] == "2025-06-18"
+        assert answer["result"]["capabilities"]["tools"]["listChanged"] is True
+        listed = await session.handle({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+        assert isinstance(listed, dict) and [t["name"] for t in listed["result"]["tools"]] == ["echo"]
+        assert not (await _call(session, "echo", {"text": "1"})).get("isError")
+
+        await first.down()
+        await live.reach("f1", "dead")
+        started = time.perf_counter()
+        down = await _call(session, "echo", {"text": "2"})
+        assert down["isError"] and "f1 is dead" in down["content"][0]["text"]
+        assert time.perf_counter() - started < 0.5  # fails fast, never hangs
+
+        second = await flaky_mcp()  # the instance comes back on another port
+        live.announce("f1", second.url, name="api")
+        await live.reach("f1", "active")
+        back = await _call(session, "echo", {"text": "3"})
+        assert not back.get("isError") and json.loads(back["content"][0]["text"]) == {"text": "3"}
+        assert second.live_sessions  # a new upstream session of this client, on the new port
+    finally:
+        await session.close("test over")
