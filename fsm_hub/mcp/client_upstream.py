@@ -147,9 +147,9 @@ class ClientUpstream:
             task = client.listen(self.on_message)
             try:
                 await asyncio.shield(task)
-                failures += 1  # ended quietly: 405 (no stream offered) or the server closed it
                 if not getattr(client, "listen_offered", True):
-                    return
+                    return  # 405: the server offers no such stream
+                failures = 1  # it was open and the server ended it: come back soon
             except asyncio.CancelledError:
                 task.cancel()
                 raise
