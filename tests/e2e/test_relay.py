@@ -2,8 +2,9 @@
 
 Each scenario runs with the SDK `Client` (sampling, elicitation and roots callbacks set) against
 the reference server `server-everything` (streamable HTTP) directly, and through the hub: its
-own `/mcp` bound with `instances_connect`, its per-instance endpoint `/instances/<name>/mcp`,
-and `serve --mcp --instance <name>` over stdio (a bridge to the owning `serve --http`). The
+own `/mcp` bound with `instances_connect`, its per-instance endpoint `/instances/<name>/mcp`
+(on the owning `serve --http` and relayed by an attached one), and `serve --mcp --instance <name>`
+over stdio (a bridge to the owning `serve --http`). The
 outcome must be the same on every path.
 """
 
@@ -92,6 +93,8 @@ class Hub:
     lab: Lab
     port: int
     direct: str
+    relayed_port: int
+    """An attached `serve --http`, relaying to the owner."""
 
     @property
     def mcp(self) -> str:
@@ -101,6 +104,10 @@ class Hub:
     def per_instance(self) -> str:
         return f"http://127.0.0.1:{self.port}/instances/{NAME}/mcp"
 
+    @property
+    def relayed(self) -> str:
+        return f"http://127.0.0.1:{self.relayed_port}/instances/{NAME}/mcp"
+
 
 def _free_port() -> int:
     with socket.socket() as probe:
@@ -108,15 +115,15 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _serve_http(lab: Lab, port: int) -> subprocess.Popen[bytes]:
-    with (lab.root / "hub.log").open("wb") as log:
+def _serve_http(lab: Lab, port: int, log_name: str = "hub.log") -> subprocess.Popen[bytes]:
+    with (lab.root / log_name).open("wb") as log:
         serving = subprocess.Popen(
             [FSM_HUB, "serve", "--http", f"127.0.0.1:{port}", "--db", str(lab.db),
              "--instances-dir", str(lab.instances_dir), *FAST],
             stdout=subprocess.DEVNULL, stderr=log,
         )  # fmt: skip
     lab.processes.append(serving)
-    _wait_until_accepting(port, serving, lab.root / "hub.log")
+    _wait_until_accepting(port, serving, lab.root / log_name)
     return serving
 
 
@@ -127,13 +134,15 @@ async def hub(lab: Lab) -> AsyncIterator[Hub]:
     port = _free_port()
     _serve_http(lab, port)
     lab.announce(Instance("evr001", NAME, process, url))
+    relayed = _free_port()
+    _serve_http(lab, relayed, "relay.log")  # attaches to the first: relays every request to it
 
     def active() -> bool:
         listed = json.loads(lab.cli("instances", "--json").stdout or "[]")
         return any(i["name"] == NAME and i["state"] == "active" for i in listed)
 
     await eventually(active)
-    yield Hub(lab, port, url)
+    yield Hub(lab, port, url, relayed)
 
 
 def paths(hub: Hub) -> dict[str, Callable[..., Any]]:
@@ -150,6 +159,11 @@ def paths(hub: Hub) -> dict[str, Callable[..., Any]]:
             yield client
 
     @asynccontextmanager
+    async def relayed(**options: Any) -> AsyncIterator[Client]:
+        async with Client(hub.relayed, **options) as client:
+            yield client
+
+    @asynccontextmanager
     async def bound(**options: Any) -> AsyncIterator[Client]:
         async with Client(hub.mcp, **options) as client:
             connected = await client.call_tool("instances_connect", {"instance_id": NAME})
@@ -161,7 +175,13 @@ def paths(hub: Hub) -> dict[str, Callable[..., Any]]:
         async with Client(hub.lab.hub("--instance", NAME), **options) as client:
             yield client
 
-    return {"direct": direct, "per-instance": per_instance, "bound": bound, "stdio": stdio}
+    return {
+        "direct": direct,
+        "per-instance": per_instance,
+        "relayed per-instance": relayed,
+        "bound": bound,
+        "stdio": stdio,
+    }
 
 
 def _text(result: mcp_types.CallToolResult) -> str:
