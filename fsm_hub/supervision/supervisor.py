@@ -446,7 +446,10 @@ class Supervisor:
             self._reported_garbage = True
             log.warning(
                 "instance %s listed %d invalid tool entr%s (%s); left out",
-                self.instance_id, len(dropped), "y" if len(dropped) == 1 else "ies", "; ".join(dropped[:3]),
+                self.instance_id,
+                len(dropped),
+                "y" if len(dropped) == 1 else "ies",
+                "; ".join(dropped[:3]),
             )
         return usable
 

@@ -71,3 +71,21 @@ def stop(processes: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def spawn_fault_server(log: Path, mode: str) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``python -m tests.servers.faults --mode MODE`` and return once its port accepts connections."""
+    port = free_port()
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.servers.faults", "--port", str(port), "--mode", mode],
+            cwd=REPO_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        _wait_until_accepting(port, process, log)
+    except BaseException:
+        stop([process])
+        raise
+    return process, f"http://127.0.0.1:{port}/mcp"
