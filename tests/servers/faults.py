@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import socket
 import struct
@@ -248,10 +249,11 @@ class FakeMcp:
     async def _storm(self, stream: web.StreamResponse) -> web.StreamResponse:
         """Announce list changes as fast as the connection takes them, until stopped or cut off."""
         chunk = b"".join(f"data: {json.dumps(n)}\n\n".encode() for n in STORM_BURST)
-        while not self._stopping.is_set():
-            await stream.write(chunk)  # waits only when the socket's buffer is full
-            self.stormed += len(STORM_BURST)
-            await asyncio.sleep(0)  # still answers pings and calls: healthy, only noisy
+        with contextlib.suppress(ConnectionResetError):  # the client went away
+            while not self._stopping.is_set():
+                await stream.write(chunk)  # waits only when the socket's buffer is full
+                self.stormed += len(STORM_BURST)
+                await asyncio.sleep(0)  # still answers pings and calls: healthy, only noisy
         return stream
 
 
