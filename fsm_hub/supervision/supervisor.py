@@ -30,6 +30,9 @@ LISTS_CHANGED = frozenset(
     {TOOLS_CHANGED, "notifications/resources/list_changed", "notifications/prompts/list_changed"}
 )
 """Notifications that make the supervisor refresh (tools) and tell the sessions (all three)."""
+FOLD_LIMIT = 100
+"""List changes folded into one pending refresh before the GET stream is no longer read until
+that refresh starts: a storm then costs what the socket lets through, not the hub's CPU."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +176,9 @@ class Supervisor:
         self._refresh_tools_pending = False
         self._lists_pending = False
         """List changes that arrived while `_refresh` runs: folded here, taken by its next round."""
+        self._folded = 0
+        self._next_round: asyncio.Future[None] | None = None
+        """What the GET stream's reader waits for once FOLD_LIMIT changes are folded."""
         self._reported_garbage = False
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -384,26 +390,36 @@ class Supervisor:
 
     # -- list changes: coalesced, beside the loop ------------------------------------------
 
-    def _changed_lists(self, *, tools: bool) -> None:
+    def _changed_lists(self, *, tools: bool) -> asyncio.Future[None] | None:
         """The instance said a list changed: start the one refresh, or fold this into its next round.
 
         The refresh runs in a child task so that pings, Remove and Rediscover never wait behind
-        it, and a storm of announcements costs one flag, not one queued command each.
+        it, and a storm of announcements costs one flag, not one queued command each. Past
+        FOLD_LIMIT folded changes the answer is a future the GET stream's reader awaits (the
+        upstream client awaits what a receiver returns): it stops reading until the next round,
+        and TCP slows the instance down.
         """
         if self._client is None or self.state != "active":
-            return  # stale: the next handshake lists the tools anyway
+            return None  # stale: the next handshake lists the tools anyway
         if self._refresh is not None:
             self._refresh_tools_pending |= tools
             self._lists_pending = True
-            return
+            self._folded += 1
+            if self._folded <= FOLD_LIMIT:
+                return None
+            if self._next_round is None:
+                self._next_round = asyncio.get_running_loop().create_future()
+            return self._next_round
         self._refresh = asyncio.create_task(
             self._refreshing(self._client, tools), name=f"refresh-{self.instance_id}"
         )
         self._refresh.add_done_callback(self._refresh_done)
+        return None
 
     async def _refreshing(self, client: InstanceClient, tools: bool) -> None:
         while True:
             self._refresh_tools_pending = self._lists_pending = False
+            self._start_round()
             if tools:
                 await self._refresh_tools(client)
             else:
@@ -413,9 +429,17 @@ class Supervisor:
             await self._sleep(self.timing.refresh_interval)
             tools = self._refresh_tools_pending
 
+    def _start_round(self) -> None:
+        """A refresh round starts (or refreshing ends): folding starts over, the reader goes on."""
+        self._folded = 0
+        waiting, self._next_round = self._next_round, None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+
     def _refresh_done(self, task: asyncio.Task[None]) -> None:
         if self._refresh is task:
             self._refresh = None
+            self._start_round()
         if not task.cancelled() and task.exception() is not None:
             log.warning("refreshing the lists of %s failed: %s", self.instance_id, task.exception())
 
@@ -424,6 +448,7 @@ class Supervisor:
         if refresh is not None:
             refresh.cancel()
             await asyncio.wait([refresh])
+        self._start_round()
 
     async def _refresh_tools(self, client: InstanceClient | None = None) -> None:
         client = client or self._client
@@ -512,10 +537,11 @@ class Supervisor:
             task.uncancel()
         return result
 
-    def _notice(self, message: dict[str, Any]) -> None:
+    def _notice(self, message: dict[str, Any]) -> asyncio.Future[None] | None:
         method = message.get("method")
         if method in LISTS_CHANGED:
-            self._changed_lists(tools=method == TOOLS_CHANGED)
+            return self._changed_lists(tools=method == TOOLS_CHANGED)
+        return None
 
     def _listen(self, client: InstanceClient) -> None:
         """Follow the instance's GET stream (if it offers one) for list_changed."""

@@ -28,6 +28,7 @@ from fsm_hub.mcp.upstream import PROTOCOL_VERSION, McpClient
 from fsm_hub.store.recorder import recorded_machine
 from fsm_hub.store.sqlite import EventStore
 from fsm_hub.supervision.supervisor import (
+    FOLD_LIMIT,
     CheckNow,
     Connector,
     Rediscover,
@@ -598,6 +599,10 @@ async def test_a_storm_costs_one_refresh_per_interval(
 ) -> None:
     fake, supervisor = await storming(fake_mcp, supervise, clock)
     assert len(fake.posted("tools/list")) == 2  # the handshake's, then one refresh for thousands
+    # Past FOLD_LIMIT folded changes the GET stream is not read until the next round starts.
+    await eventually(lambda: supervisor._folded == FOLD_LIMIT + 1, what=lambda: str(supervisor._folded))
+    await asyncio.sleep(0.05)
+    assert supervisor._folded == FOLD_LIMIT + 1 and supervisor._next_round is not None
 
     for expected in (3, 4, 5):
         clock.advance(TIMING.refresh_interval)
