@@ -84,6 +84,10 @@ class RefusedAnnouncement(DiscoveryError):
     """Well-formed, but using it would be unsafe (foreign owner, symlink, size, remote host)."""
 
 
+class NoEventLog(StoreError):
+    """A reading command was pointed at a log that does not exist (only `serve` creates one)."""
+
+
 class ConfigError(FsmHubError):
     """The configured-servers file (`servers.json`) cannot be used as it is."""
 

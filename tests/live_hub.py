@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fsm_hub.core.events import StoredEvent
+from fsm_hub.mcp.protocol import LATEST
 from fsm_hub.mcp.session import Session
 from fsm_hub.store.sqlite import EventStore
 from fsm_hub.supervision.hub import Hub
@@ -55,10 +56,18 @@ class LiveHub:
     async def reach(self, instance_id: str, state: str, timeout: float = 5.0) -> None:
         await until(lambda: self.hub.state(instance_id) == state, timeout, f"{instance_id} {state}")
 
-    def session(self, session_id: str = "s1") -> tuple[Session, list[dict[str, Any]]]:
-        """A session whose server-initiated messages land in the returned list."""
+    def session(
+        self, session_id: str = "s1", *, initialized: bool = True
+    ) -> tuple[Session, list[dict[str, Any]]]:
+        """A session whose server-initiated messages land in the returned list.
+
+        `initialized` stands for a handshake already made (requests other than initialize and
+        ping are refused before it); pass False to test the handshake itself.
+        """
         emitted: list[dict[str, Any]] = []
         session = Session(self.hub, session_id, emitted.append)
+        if initialized:
+            session.protocol_version = LATEST
         self.sessions.append(session)
         return session, emitted
 

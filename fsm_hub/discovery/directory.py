@@ -17,6 +17,10 @@ Decisions the file format leaves open:
 - The directory must be ours and writable by no one else: world-writable (sticky or not),
   or group-writable by a group other than our effective group, is refused as a whole.
   Files not owned by us, symlinks, non-regular and oversized files are refused one by one.
+- A directory (or file) that cannot be read for a reason of our own — out of file descriptors
+  (EMFILE, ENFILE), of memory (ENOMEM), an I/O error — tells nothing about the instances:
+  nothing changes until it can be read again. Only a refusal (unsafe or EACCES) withdraws them,
+  and an instance withdrawn so comes back, unchanged, as `Found` with the reason it is back.
 - Only `<id>.json` counts; hidden files (brummer's `.tmp-instance-*`, `.discovery.lock`)
   and other names are ignored without a word.
 """
@@ -24,34 +28,56 @@ Decisions the file format leaves open:
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
-import ipaddress
-import json
 import os
-import re
 import stat
 import sys
 import tempfile
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, TypeAlias
 
 from watchfiles import awatch
 
-from fsm_hub.discovery.security import directory_refusal
-from fsm_hub.errors import DiscoveryError, InvalidAnnouncement, RefusedAnnouncement
+from fsm_hub.discovery.announcement import (
+    MAX_FILE_SIZE,
+    Announcement,
+    is_loopback_host,
+    one_line,
+    parse_announcement,
+    parse_rfc3339,
+)
+from fsm_hub.discovery.security import directory_refusal, read_own_file
+from fsm_hub.errors import DiscoveryError, RefusedAnnouncement
+
+__all__ = [
+    "DEFAULT_POLL_INTERVAL",
+    "ENV_INSTANCES_DIR",
+    "MAX_FILE_SIZE",
+    "Announcement",
+    "Change",
+    "Changed",
+    "Discovery",
+    "Found",
+    "Gone",
+    "Problem",
+    "ScanResult",
+    "Updated",
+    "default_instances_dir",
+    "directory_refusal",
+    "is_loopback_host",
+    "parse_announcement",
+    "parse_rfc3339",
+    "process_is_running",
+    "scan",
+    "warn_to_stderr",
+]
 
 ENV_INSTANCES_DIR = "FSM_HUB_INSTANCES_DIR"
-MAX_FILE_SIZE = 64 * 1024
-"""Announcements are a few hundred bytes; anything bigger is not one, and is not read."""
 DEFAULT_POLL_INTERVAL = 1.0
-_MAX_PID = 2**31 - 1  # pid_t; a bigger number could not be passed to kill()
 _WATCH_STEP_MS = 50  # how often the watch thread looks at its stop event, too
-
-_T = TypeVar("_T")
 
 Warn: TypeAlias = Callable[[str], None]
 Sleep: TypeAlias = Callable[[float], Awaitable[None]]
@@ -72,30 +98,13 @@ def default_instances_dir(env: Mapping[str, str] = os.environ) -> Path:
 
 
 @dataclass(frozen=True, slots=True)
-class Announcement:
-    """One instance as its file announces it."""
-
-    id: str
-    name: str
-    directory: str
-    port: int
-    pid: int | None
-    url: str
-    """The MCP endpoint: the file's `url`, else `http://127.0.0.1:{port}/mcp`."""
-    executable: str | None
-    started_at: datetime | None
-    last_ping: datetime | None
-
-    def evidence(self) -> tuple[int, int | None, str]:
-        """What identifies this run of the server: if any of it changes, reconnect from scratch."""
-        return (self.port, self.pid, self.url)
-
-
-@dataclass(frozen=True, slots=True)
 class Found:
-    """A new instance (→ instance_discovered)."""
+    """A new instance (→ instance_discovered), or one withdrawn by a refusal that is usable again."""
 
     announcement: Announcement
+    reason: str = ""
+    """Why a withdrawn instance is back (→ rediscover, e.g. "instances directory usable again");
+    empty for an instance seen for the first time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,158 +133,6 @@ class Gone:
 Change: TypeAlias = Found | Changed | Updated | Gone
 
 
-# --- reading one file ------------------------------------------------------------------------
-
-_RFC3339 = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
-    r"(?:\.([0-9]{1,9}))?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
-)
-_GO_ZERO_TIME = datetime(1, 1, 1, tzinfo=UTC)  # what Go writes for a time it never set
-
-
-def parse_rfc3339(text: str) -> datetime:
-    """RFC 3339 as Go writes it (RFC3339Nano: up to nine fractional digits); raises ValueError.
-
-    `datetime.fromisoformat` in 3.11 rejects nanoseconds; they are truncated to microseconds.
-    """
-    match = _RFC3339.fullmatch(text)
-    if match is None:
-        raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
-    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
-    if zulu:
-        tz = UTC
-    else:
-        offset = timedelta(hours=int(off_h), minutes=int(off_m))
-        tz = timezone(-offset if sign == "-" else offset)
-    micro = int((fraction or "0").ljust(6, "0")[:6])
-    return datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=tz)
-
-
-def is_loopback_host(host: str) -> bool:
-    """`localhost` or a loopback address; `0.0.0.0` is not (it means "all interfaces")."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
-
-
-def parse_announcement(
-    data: bytes, *, expected_id: str | None = None, allow_remote: bool = False
-) -> Announcement:
-    """Validate one file's bytes; raises InvalidAnnouncement or RefusedAnnouncement."""
-    if not data.strip():
-        raise InvalidAnnouncement("empty file")
-    try:
-        document = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise InvalidAnnouncement("not UTF-8 text") from None
-    except (ValueError, RecursionError) as exc:
-        raise InvalidAnnouncement(f"not valid JSON ({exc})") from None
-    if not isinstance(document, dict):
-        raise InvalidAnnouncement(f"not a JSON object but {_json_type(document)}")
-
-    instance_id = _required(_text(document, "id"), "id")
-    if not instance_id:
-        raise InvalidAnnouncement("'id' is empty")
-    if expected_id is not None and instance_id != expected_id:
-        raise InvalidAnnouncement(f"'id' is {instance_id!r}, but the file is named for {expected_id!r}")
-    port = _required(_integer(document, "port", 1, 65535), "port")
-    process = document.get("process_info")
-    if process is not None and not isinstance(process, dict):
-        raise InvalidAnnouncement(f"'process_info' must be an object, got {_json_type(process)}")
-    process = process or {}
-    return Announcement(
-        id=instance_id,
-        name=_required(_text(document, "name"), "name"),
-        directory=_text(document, "directory") or "",
-        port=port,
-        pid=_integer(process, "pid", 1, _MAX_PID, prefix="process_info."),
-        url=_url(document, port, allow_remote),
-        executable=_text(process, "executable", prefix="process_info."),
-        started_at=_timestamp(document, "started_at"),
-        last_ping=_timestamp(document, "last_ping"),
-    )
-
-
-def _required(value: _T | None, key: str) -> _T:
-    if value is None:
-        raise InvalidAnnouncement(f"'{key}' is missing")
-    return value
-
-
-def _json_type(value: object) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
-    if value is None:
-        return "null"
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return "a number"
-    return names.get(type(value), type(value).__name__)
-
-
-def _text(obj: dict[str, Any], key: str, *, prefix: str = "") -> str | None:
-    """The string at `key`, or None if absent or null."""
-    value = obj.get(key)
-    if value is not None and not isinstance(value, str):
-        raise InvalidAnnouncement(f"'{prefix}{key}' must be a string, got {_json_type(value)}")
-    return value
-
-
-def _integer(obj: dict[str, Any], key: str, low: int, high: int, *, prefix: str = "") -> int | None:
-    """The integer in low..high at `key`, or None if absent or null (JSON's `true` is no integer)."""
-    value = obj.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidAnnouncement(f"'{prefix}{key}' must be an integer in {low}..{high}, got {_short(value)}")
-    return value
-
-
-def _timestamp(obj: dict[str, Any], key: str) -> datetime | None:
-    text = _text(obj, key)
-    if text is None:
-        return None
-    try:
-        moment = parse_rfc3339(text)
-    except ValueError:
-        raise InvalidAnnouncement(f"'{key}' is not an RFC 3339 time: {_short(text)}") from None
-    return None if moment == _GO_ZERO_TIME else moment
-
-
-def _url(obj: dict[str, Any], port: int, allow_remote: bool) -> str:
-    url = _text(obj, "url")
-    if url is None:
-        return f"http://127.0.0.1:{port}/mcp"
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018 -- raises ValueError on a bad port
-    except ValueError:
-        raise InvalidAnnouncement(f"'url' is not a valid URL: {_short(url)}") from None
-    if parts.scheme not in ("http", "https") or not host:
-        raise InvalidAnnouncement(f"'url' must be an http(s) URL with a host, got {_short(url)}")
-    if not allow_remote and not is_loopback_host(host):
-        raise RefusedAnnouncement(
-            f"url {_short(url)} is not on this machine (host {host} is not a loopback address);"
-            " remote instances need allow_remote"
-        )
-    return url
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _one_line(text: str) -> str:
-    """File names are chosen by other programs; keep a warning on one printable line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def process_is_running(pid: int) -> bool:
     """Signal 0 checks existence without touching the process; EPERM means it exists."""
     try:
@@ -300,7 +157,7 @@ class Problem:
     """Content digest, or inode/size/mtime for files not read: a new value is worth a new warning."""
 
     def __str__(self) -> str:
-        return _one_line(self.message)
+        return one_line(self.message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +173,14 @@ class ScanResult:
     problems: tuple[Problem, ...]
     refused: str | None
     """Why the whole directory is not used, or None (a missing directory is not refused)."""
+    failed: str | None = None
+    """Why the directory could not be looked at now for a reason of our own (EMFILE, ENOMEM,
+    EIO, ...): no evidence about any instance, so nothing changes."""
+
+
+_REFUSING_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENAMETOOLONG})
+"""Directory errors that say something about the directory itself; any other error (EMFILE,
+ENFILE, ENOMEM, EIO, EINTR, ...) is a local failure, which is no evidence about instances."""
 
 
 def scan(directory: Path, *, allow_remote: bool = False, warn: Warn = warn_to_stderr) -> ScanResult:
@@ -350,9 +215,13 @@ def _scan(directory: Path, allow_remote: bool, cache: ParseCache | None = None) 
     except (FileNotFoundError, NotADirectoryError):
         return ScanResult({}, {}, frozenset(), (), None)  # not there yet: polling will see it
     except OSError as exc:
+        if exc.errno not in _REFUSING_ERRORS:
+            failure = one_line(f"cannot read {directory} ({exc.strerror or exc})")
+            message = f"instances directory unreadable for now: {failure}; keeping what was known"
+            return ScanResult({}, {}, frozenset(), (Problem(directory, message, ""),), None, failure)
         refusal = f"cannot read {directory} ({exc.strerror})"
     if refusal:
-        refusal = _one_line(refusal)
+        refusal = one_line(refusal)
         message = f"instances directory refused: {refusal}; no instances will be discovered"
         return ScanResult({}, {}, frozenset(), (Problem(directory, message, ""),), refusal)
 
@@ -384,7 +253,7 @@ def _scan(directory: Path, allow_remote: bool, cache: ParseCache | None = None) 
             _keep(hit[1], announcements, stale)
             continue
         try:
-            data = _read(path)
+            data = read_own_file(path)
         except FileNotFoundError:
             continue  # removed since the listing: the same as not listed
         except DiscoveryError as exc:
@@ -420,37 +289,6 @@ def _stat_seen(path: Path) -> str:
     return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _read(path: Path) -> bytes:
-    """Open without following links and check the open file itself, so a swap can't fool us."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:  # ELOOP from O_NOFOLLOW, EACCES, ...
-        if os.path.islink(path):
-            raise RefusedAnnouncement("it is a symbolic link") from None
-        raise InvalidAnnouncement(f"cannot open it ({exc.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise RefusedAnnouncement("it is not a regular file")
-        if st.st_uid != os.geteuid():
-            raise RefusedAnnouncement(f"it is owned by uid {st.st_uid}, not by us")
-        if st.st_size > MAX_FILE_SIZE:
-            raise RefusedAnnouncement(f"it is larger than {MAX_FILE_SIZE // 1024} KiB")
-        data = b""
-        while len(data) <= MAX_FILE_SIZE and (chunk := os.read(fd, MAX_FILE_SIZE + 1 - len(data))):
-            data += chunk
-    except OSError as exc:  # EIO and friends: one bad file must not stop the scan
-        raise InvalidAnnouncement(f"cannot read it ({exc.strerror})") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_FILE_SIZE:  # it grew while we read
-        raise RefusedAnnouncement(f"it is larger than {MAX_FILE_SIZE // 1024} KiB")
-    return data
-
-
 # --- turning scans into changes --------------------------------------------------------------
 
 
@@ -458,10 +296,14 @@ def _reconcile(
     previous: Mapping[str, Announcement], result: ScanResult
 ) -> tuple[dict[str, Announcement], list[Change]]:
     """The next `current` and the changes that lead there, in id order."""
+    if result.failed is not None:
+        return dict(previous), []
     current = dict(result.announcements)
     changes: list[Change] = []
     for instance_id in sorted(previous.keys() | current.keys()):
         old, new = previous.get(instance_id), current.get(instance_id)
+        if new is old:
+            continue  # the same parsed file as last time (the parse cache): nothing to compare
         if new is None and old is not None:
             alive = old.pid is None or process_is_running(old.pid)
             if instance_id in result.unreadable and alive:
@@ -511,6 +353,10 @@ class Discovery:
         self._current: dict[str, Announcement] = {}
         self._parsed: ParseCache = {}
         self._refused: str | None = None
+        self._failure: str | None = None
+        self._recovered = False
+        self._withdrawn: dict[str, str] = {}
+        """Ids reported Gone because they were refused, with the reason: back as `Found` with one."""
         self._reported: frozenset[Problem] = frozenset()
         self._said: set[str] = set()
         self._consumed = False
@@ -525,30 +371,69 @@ class Discovery:
         """Why the directory is not used (for hub_status), or None."""
         return self._refused
 
+    @property
+    def failure(self) -> str | None:
+        """Why the last look at the directory failed for a local reason (EMFILE, ...), or None."""
+        return self._failure
+
     def poll_once(self) -> list[Change]:
         """Scan now; return what changed since the last scan (the first time: all as Found)."""
         result = _scan(self.directory, self.allow_remote, self._parsed)
         for problem in result.problems:
             if problem not in self._reported:
                 self._warn(str(problem))
+        if result.failed is not None:
+            self._reported |= frozenset(result.problems)
+            self._failure = result.failed
+            return []
+        if self._failure is not None:
+            self._failure = None
+            self._recovered = True
+            self._warn(f"instances directory {one_line(str(self.directory))} is readable again")
         self._reported = frozenset(result.problems)
         self._refused = result.refused
         self._current, changes = _reconcile(self._current, result)
-        return changes
+        return self._note_withdrawals(result, changes)
+
+    def withdraw(self, instance_id: str, reason: str) -> None:
+        """Note that `instance_id` was removed because of `reason` (a refusal the hub saw at
+        start): if its announcement turns up usable, it comes back as `Found` with a reason."""
+        self._withdrawn[instance_id] = reason
+
+    def _note_withdrawals(self, result: ScanResult, changes: list[Change]) -> list[Change]:
+        """Remember what a refusal withdrew; give what comes back unchanged the reason it is back."""
+        back: list[Change] = []
+        for change in changes:
+            if isinstance(change, Gone) and (result.refused or change.reason.startswith("refused:")):
+                self._withdrawn[change.instance_id] = change.reason
+            elif isinstance(change, Found) and change.announcement.id in self._withdrawn:
+                was = self._withdrawn.pop(change.announcement.id)
+                change = replace(change, reason=f"announcement usable again (was {was})")
+            back.append(change)
+        if result.refused is None and self._withdrawn:
+            for instance_id in list(self._withdrawn):
+                if not result.stale.get(instance_id, "").startswith("refused:") and (
+                    instance_id not in result.unreadable
+                ):
+                    del self._withdrawn[instance_id]  # its file is gone: a new one is simply new
+        return back
 
     async def changes(self) -> AsyncGenerator[list[Change], None]:
         """The initial set first (always, even empty, so the hub can reconcile), then each
-        non-empty batch. Cancelling the consuming task stops the watcher with it."""
+        non-empty batch, and a batch (even empty) when a directory that could not be read is
+        readable again. Cancelling the consuming task stops the watcher with it."""
         if self._consumed:
             raise DiscoveryError("Discovery.changes() is already being consumed")
         self._consumed = True
         wake = asyncio.Event()
         watcher = _DirectoryWatcher(self.directory, wake, self._say_once)
         try:
-            batch, first = self.poll_once(), True
+            # In a thread: a first look at 10,000 files takes a quarter of a second or more, and
+            # the hub answers its clients meanwhile.
+            batch, first = await asyncio.to_thread(self.poll_once), True
             while True:
-                if batch or first:
-                    first = False
+                if batch or first or self._recovered:
+                    first, self._recovered = False, False
                     watcher.serve(asyncio.current_task())
                     yield batch
                 watcher.serve(asyncio.current_task())  # another task may resume us (the hub does)
@@ -556,7 +441,7 @@ class Discovery:
                     watcher.follow(self.directory if self._refused is None else None)
                 await self._tick(wake if watcher.running else None)
                 wake.clear()
-                batch = self.poll_once()
+                batch = await asyncio.to_thread(self.poll_once)
         finally:
             await watcher.close()
             self._consumed = False
@@ -577,7 +462,7 @@ class Discovery:
             await asyncio.gather(*waiters, return_exceptions=True)
 
     def _say_once(self, message: str) -> None:
-        message = _one_line(message)
+        message = one_line(message)
         if message not in self._said:
             self._said.add(message)
             self._warn(message)

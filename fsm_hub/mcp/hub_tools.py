@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from fsm_hub.core.display import redact
 from fsm_hub.errors import FsmHubError, InstanceUnavailable, TransportError
 
 if TYPE_CHECKING:
@@ -81,6 +82,8 @@ DEFINITIONS: tuple[dict[str, Any], ...] = (
     },
 )
 HUB_TOOL_NAMES = frozenset(tool["name"] for tool in DEFINITIONS)
+MAX_HISTORY_LIMIT = 1_000_000
+"""The largest `limit` instances_history takes (SQLite integers end at 2^63)."""
 
 
 class ToolFailure(FsmHubError):
@@ -160,6 +163,8 @@ class HubTools:
         limit = arguments.get("limit")
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             raise ToolFailure("argument 'limit' must be a positive integer")
+        if limit is not None and limit > MAX_HISTORY_LIMIT:
+            raise ToolFailure(f"argument 'limit' must be at most {MAX_HISTORY_LIMIT}")
         events = await self.session.hub.history(_text(arguments, "instance_id") or "", limit)
         return tool_result({"events": [e.to_json() for e in events]})
 
@@ -192,6 +197,7 @@ def tool_error(message: str) -> dict[str, Any]:
 
 def tool_result(payload: dict[str, Any]) -> dict[str, Any]:
     """Structured content plus the same JSON as text, for clients that read only text."""
+    payload = redact(payload)  # URL credentials are never shown to the model
     return {
         "content": [{"type": "text", "text": json.dumps(payload, ensure_ascii=False)}],
         "structuredContent": payload,

@@ -14,22 +14,30 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
-from fsm_hub import __version__
 from fsm_hub.errors import FsmHubError, InstanceUnavailable, McpError, TransportError
 from fsm_hub.mcp.hub_tools import HUB_TOOL_NAMES, HubTools, ToolFailure, tool_error
+from fsm_hub.mcp.jsonrpc import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    RpcError,
+    error_response,
+    valid_id,
+)
+from fsm_hub.mcp.protocol import (
+    PROTOCOL_VERSIONS,
+    REQUESTS_BEFORE_INITIALIZE,
+    SERVER_CAPABILITIES,
+    SERVER_INFO,
+    negotiate,
+)
 from fsm_hub.mcp.tool_names import NamedTools, name_tools
 from fsm_hub.supervision.hub import Hub
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
-LATEST = PROTOCOL_VERSIONS[0]
-
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
+__all__ = ["PROTOCOL_VERSIONS", "RpcError", "Session", "request_emit"]
 
 METHODS = frozenset(
     {
@@ -47,38 +55,6 @@ Emit = Callable[[dict[str, Any]], None]
 request_emit: ContextVar[Emit | None] = ContextVar("request_emit", default=None)
 """Where notifications about the request being handled go (an HTTP response stream), if not
 to the session's own channel."""
-
-
-class RpcError(Exception):
-    def __init__(self, code: int, message: str, data: Any = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.data = code, message, data
-
-
-def error_response(request_id: Any, code: int, message: str, data: Any = None) -> dict[str, Any]:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if data is not None:
-        error["data"] = data
-    return {"jsonrpc": "2.0", "id": request_id, "error": error}
-
-
-def parse_error() -> dict[str, Any]:
-    return error_response(None, PARSE_ERROR, "Parse error: the line is not valid JSON")
-
-
-def needs_answer(message: Any) -> bool:
-    """Whether a decoded message (or batch) gets an answer: a request, or something invalid."""
-    if isinstance(message, list):
-        return not message or any(needs_answer(m) for m in message)
-    if not isinstance(message, dict):
-        return True
-    if "method" in message:
-        return "id" in message
-    return not ("result" in message or "error" in message)
-
-
-def _valid_id(value: Any) -> bool:
-    return (isinstance(value, str) or isinstance(value, int)) and not isinstance(value, bool)
 
 
 class Session:
@@ -121,7 +97,7 @@ class Session:
         if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
             request_id = message.get("id") if isinstance(message, dict) else None
             return error_response(
-                request_id if _valid_id(request_id) else None,
+                request_id if valid_id(request_id) else None,
                 INVALID_REQUEST,
                 "Invalid Request: not a JSON-RPC 2.0 message",
             )
@@ -130,9 +106,9 @@ class Session:
         request_id = message.get("id")
         if method is None and has_id and ("result" in message or "error" in message):
             return None  # a client's answer to a server request; we send none that need one
-        if not isinstance(method, str) or (has_id and not _valid_id(request_id)):
+        if not isinstance(method, str) or (has_id and not valid_id(request_id)):
             return error_response(
-                request_id if _valid_id(request_id) else None,
+                request_id if valid_id(request_id) else None,
                 INVALID_REQUEST,
                 "Invalid Request: method must be a string and id a string or integer",
             )
@@ -144,6 +120,14 @@ class Session:
         if not has_id:
             await self._notification(method, params or {})
             return None
+        if (
+            self.protocol_version is None
+            and method not in REQUESTS_BEFORE_INITIALIZE
+            and method in METHODS  # an unknown one (a `server/discover` probe) gets -32601
+        ):
+            return error_response(
+                request_id, INVALID_REQUEST, f"Invalid Request: {method} before initialize"
+            )
         task = asyncio.current_task()
         if task is not None:
             self._inflight[request_id] = task
@@ -162,9 +146,10 @@ class Session:
                 raise
             task.uncancel()  # the transport's task carries on (an HTTP handler answers 202)
             return None  # the client cancelled it: no response is sent
-        except Exception:
-            log.exception("internal error answering %s", method)
-            return error_response(request_id, INTERNAL_ERROR, "Internal error")
+        except Exception as exc:
+            # One line, never a traceback on the protocol's stderr; the client gets a clean error.
+            log.error("fsm-hub: internal error answering %s: %s: %s", method, type(exc).__name__, exc)
+            return error_response(request_id, INTERNAL_ERROR, f"Internal error: {type(exc).__name__}")
         finally:
             self._inflight.pop(request_id, None)
         return {"jsonrpc": "2.0", "id": request_id, "result": result}
@@ -192,17 +177,13 @@ class Session:
         requested = params.get("protocolVersion")
         if not isinstance(requested, str):
             raise RpcError(INVALID_PARAMS, "Invalid params: protocolVersion must be a string")
-        self.protocol_version = requested if requested in PROTOCOL_VERSIONS else LATEST
+        self.protocol_version = negotiate(requested)
         info = params.get("clientInfo")
         self.client_info = info if isinstance(info, dict) else {}
         return {
             "protocolVersion": self.protocol_version,
-            "capabilities": {
-                "tools": {"listChanged": True},
-                "resources": {"listChanged": True},
-                "prompts": {"listChanged": True},
-            },
-            "serverInfo": {"name": "fsm-hub", "title": "fsm-hub", "version": __version__},
+            "capabilities": SERVER_CAPABILITIES,
+            "serverInfo": SERVER_INFO,
             "instructions": (
                 "fsm-hub routes you to local dev-server instances. Call instances_list to see "
                 "them, instances_connect to use one's tools directly, or instances_call to call "
@@ -212,7 +193,10 @@ class Session:
 
     async def _notification(self, method: str, params: dict[str, Any]) -> None:
         if method == "notifications/cancelled":
-            task = self._inflight.get(params.get("requestId"))
+            request_id = params.get("requestId")
+            if not valid_id(request_id):
+                return  # a notification gets no error: an id that cannot be ours is ignored
+            task = self._inflight.get(request_id)
             if task is not None and task is not asyncio.current_task():
                 task.cancel()  # the instance client forwards the cancellation upstream
         # notifications/initialized, roots/list_changed, progress from the client: nothing to do

@@ -35,16 +35,11 @@ from typing import Any, Final
 
 from fsm_hub import __version__
 from fsm_hub.errors import McpError, TransportError
-
-# The JSON-RPC pieces are the HTTP client's for now; the `jsonrpc` module will own them.
-from fsm_hub.mcp.upstream import (
-    PROTOCOL_VERSION,
-    SUPPORTED_PROTOCOL_VERSIONS,
-    _encode,
-    _result_of,
-    _snippet,
-    as_call_tool_result,
-)
+from fsm_hub.mcp.jsonrpc import request as _encode
+from fsm_hub.mcp.protocol import LATEST as PROTOCOL_VERSION
+from fsm_hub.mcp.protocol import PROTOCOL_VERSIONS as SUPPORTED_PROTOCOL_VERSIONS
+from fsm_hub.mcp.protocol import as_call_tool_result
+from fsm_hub.mcp.upstream import _result_of, _snippet
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Client side of MCP Streamable HTTP: how the hub talks to one upstream server.
 
 The hub proxies every ``tools/call`` through here, so the request path is kept lean: one
-keep-alive ``aiohttp.ClientSession``, one ``json.dumps`` per request, one ``json.loads`` per
+keep-alive ``aiohttp.ClientSession``, one encode per request, one bounded strict decode per
 plain-JSON answer, no schema validation (results are forwarded untouched).
 """
 
@@ -18,27 +18,33 @@ from typing import Any, Final
 
 import aiohttp
 
-from fsm_hub import __version__
 from fsm_hub.errors import FsmHubError, McpError, SessionExpired, TransportError
+from fsm_hub.mcp import jsonrpc
+from fsm_hub.mcp.jsonrpc import JsonRpcDecodeError, answers
+from fsm_hub.mcp.protocol import (
+    CLIENT_INFO,
+    LATEST,
+    POST_HEADERS,
+    PROTOCOL_VERSIONS,
+    SESSION_HEADER,
+    SSE,
+    VERSION_HEADER,
+    as_call_tool_result,
+)
+from fsm_hub.mcp.sse import SseDecoder
 
 log = logging.getLogger(__name__)
-
-PROTOCOL_VERSION: Final = "2025-11-25"
-"""The version we offer in ``initialize``."""
-
-SUPPORTED_PROTOCOL_VERSIONS: Final = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
-"""Versions a server may answer with; the wire format we use is the same for all of them."""
 
 OnMessage = Callable[[dict[str, Any]], Awaitable[None] | None]
 """Receives server notifications and server requests seen on a stream (sync or async)."""
 
-_POST_HEADERS: Final = {
-    "Accept": "application/json, text/event-stream",
-    "Content-Type": "application/json",
-}
+_POST_HEADERS: Final = POST_HEADERS
 # Our own asyncio deadline bounds every call; aiohttp's default 5-minute total must not interfere.
 _NO_AIOHTTP_TIMEOUT: Final = aiohttp.ClientTimeout(total=None)
 _DELETE_TIMEOUT: Final = 1.0
+_DRAIN_TIMEOUT: Final = 1.0
+"""How long a stream may stay open after its answer before we close it (one fd per call
+would otherwise be held for the whole call timeout by a server that never ends it)."""
 _MAX_TOOL_PAGES: Final = 1000
 _SNIPPET: Final = 200
 
@@ -71,7 +77,7 @@ class McpClient:
         self.server_info: dict[str, Any] = {}
         self.capabilities: dict[str, Any] = {}
         """The server's capabilities from the last ``initialize``."""
-        self._client_info = dict(client_info or {"name": "fsm-hub", "version": __version__})
+        self._client_info = dict(client_info or CLIENT_INFO)
         self._client_capabilities = dict(capabilities or {})
         self._http = session
         self._owns_http = session is None
@@ -116,11 +122,11 @@ class McpClient:
         """Handshake (initialize + notifications/initialized); returns the InitializeResult."""
         seconds = self.timeout if timeout is None else timeout
         request_id = self._new_id()
-        body = _encode(
+        body = jsonrpc.request(
             request_id,
             "initialize",
             {
-                "protocolVersion": PROTOCOL_VERSION,
+                "protocolVersion": LATEST,
                 "capabilities": self._client_capabilities,
                 "clientInfo": self._client_info,
             },
@@ -136,16 +142,16 @@ class McpClient:
                 if not isinstance(result, dict):
                     raise TransportError(f"{self.url} answered initialize with {_snippet(result)}")
                 version = result.get("protocolVersion")
-                if version not in SUPPORTED_PROTOCOL_VERSIONS:
+                if version not in PROTOCOL_VERSIONS:
                     if session_id is not None:
                         await self._delete_session(self._http_session(), session_id)
                     raise TransportError(
                         f"{self.url} speaks MCP protocol version {version!r}; "
-                        f"fsm-hub speaks {', '.join(SUPPORTED_PROTOCOL_VERSIONS)}"
+                        f"fsm-hub speaks {', '.join(PROTOCOL_VERSIONS)}"
                     )
                 self._adopt(result, version, session_id)
                 # Some servers (brummer) answer this notification with a -32601 error body.
-                initialized = _encode(None, "notifications/initialized", None)
+                initialized = jsonrpc.request(None, "notifications/initialized", None)
                 try:
                     await self._post_notification(initialized, self._headers)
                 except McpError:
@@ -159,9 +165,9 @@ class McpClient:
         self.server_info = _dict_or_empty(result.get("serverInfo"))
         self.capabilities = _dict_or_empty(result.get("capabilities"))
         self._session_id = session_id
-        session_headers = {"MCP-Protocol-Version": version}
+        session_headers = {VERSION_HEADER: version}
         if session_id is not None:
-            session_headers["Mcp-Session-Id"] = session_id
+            session_headers[SESSION_HEADER] = session_id
         self._session_headers = session_headers
         self._headers = {**_POST_HEADERS, **session_headers}
         self._generation += 1
@@ -189,7 +195,7 @@ class McpClient:
 
     async def _delete_session(self, http: aiohttp.ClientSession, session_id: str) -> None:
         """Tell the server to forget a session; any failure (405 included) is fine."""
-        headers = {**self._session_headers, "Mcp-Session-Id": session_id}
+        headers = {**self._session_headers, SESSION_HEADER: session_id}
         try:
             async with (
                 asyncio.timeout(min(self.timeout, _DELETE_TIMEOUT)),
@@ -278,7 +284,7 @@ class McpClient:
     ) -> Any:
         """Send under one deadline, re-initializing once if the server lost our session."""
         request_id = None if notification else self._new_id()
-        body = _encode(request_id, method, params)
+        body = jsonrpc.request(request_id, method, params)
         seconds = self.timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(seconds):
@@ -347,7 +353,7 @@ class McpClient:
             try:
                 if response.status >= 300:
                     raise await self._status_error(response)
-                if response.content_type == "text/event-stream":
+                if response.content_type == SSE:
                     answer = await self._read_answer(response, request_id, on_message)
                     self._finish_stream(response)
                 else:
@@ -358,7 +364,7 @@ class McpClient:
             except BaseException:
                 response.close()
                 raise
-            return answer, response.headers.get("Mcp-Session-Id")
+            return answer, response.headers.get(SESSION_HEADER)
         except aiohttp.ClientError as exc:
             raise TransportError(self._describe(exc)) from None
         except OSError as exc:
@@ -379,7 +385,7 @@ class McpClient:
 
     async def _drain(self, response: aiohttp.ClientResponse) -> None:
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(min(self.timeout, _DRAIN_TIMEOUT)):
                 while await response.content.readany():
                     pass
             response.release()
@@ -425,18 +431,18 @@ class McpClient:
                 f"{self.url} answered request {request_id} with an empty body (HTTP {status})"
             )
         try:
-            parsed = json.loads(body)
-        except ValueError:
+            parsed = jsonrpc.decode(body)
+        except JsonRpcDecodeError as exc:
             raise TransportError(
-                f"{self.url} answered with something that is not JSON: {_snippet(body)}"
+                f"{self.url} answered with something that is not JSON: {_snippet(body)}{_why(exc)}"
             ) from None
         if isinstance(parsed, dict):
-            if _answers(parsed, request_id) or ("error" in parsed and parsed.get("id") is None):
+            if answers(parsed, request_id) or ("error" in parsed and parsed.get("id") is None):
                 return parsed
         elif isinstance(parsed, list):  # a batch (2025-03-26): the answer plus anything else
             answer = None
             for message in parsed:
-                if isinstance(message, dict) and _answers(message, request_id):
+                if isinstance(message, dict) and answers(message, request_id):
                     answer = message
                 elif isinstance(message, dict):
                     await self._deliver(message, on_message)
@@ -468,7 +474,7 @@ class McpClient:
             message = self._decode_event(data)
             if message is None:
                 continue
-            if request_id is not None and _answers(message, request_id):
+            if request_id is not None and answers(message, request_id):
                 return message
             await self._deliver(message, on_message)
         return None
@@ -478,9 +484,11 @@ class McpClient:
         if not data.strip():
             return None
         try:
-            message = json.loads(data)
-        except ValueError:
-            message = None
+            message = jsonrpc.decode(data)
+        except JsonRpcDecodeError as exc:
+            raise TransportError(
+                f"{self.url} sent an SSE event that is not JSON-RPC: {_snippet(data)}{_why(exc)}"
+            ) from None
         if not isinstance(message, dict):
             raise TransportError(f"{self.url} sent an SSE event that is not JSON-RPC: {_snippet(data)}")
         return message
@@ -493,9 +501,10 @@ class McpClient:
             outcome = receiver(message)
             if inspect.isawaitable(outcome):
                 await outcome
-        except Exception:
-            # A broken receiver must not fail the request whose stream it was reading.
-            log.exception("on_message receiver failed for %s", message.get("method"))
+        except Exception as exc:
+            # A broken receiver must not fail the request whose stream it was reading; one line,
+            # no traceback (stderr is the user's, stdout the protocol's).
+            log.error("fsm-hub: relaying %s failed: %s: %s", message.get("method"), type(exc).__name__, exc)
 
     # -- standalone stream -----------------------------------------------------------------
 
@@ -511,7 +520,7 @@ class McpClient:
         return self._listener
 
     async def _listen(self, on_message: OnMessage | None) -> None:
-        headers = {"Accept": "text/event-stream", **self._session_headers}
+        headers = {"Accept": SSE, **self._session_headers}
         http = self._http_session()
         try:
             async with (
@@ -525,7 +534,7 @@ class McpClient:
                     raise TransportError(
                         f"{self.url} answered the GET stream with HTTP {response.status}: {text}"
                     )
-                if response.content_type != "text/event-stream":
+                if response.content_type != SSE:
                     raise TransportError(
                         f"{self.url} answered the GET stream with {response.content_type}, not SSE"
                     )
@@ -572,94 +581,6 @@ class McpClient:
         return f"{self.url}: {type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
-class SseDecoder:
-    """Splits an SSE body into the data of its events, fed in whatever chunks the network gives.
-
-    Tolerates CRLF or LF line ends, comment lines and events without data. Only ``data``
-    matters to MCP; ``id``, ``event`` and ``retry`` are skipped.
-    """
-
-    __slots__ = ("_buffer", "_data", "_scanned")
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._data: list[bytes] | None = None
-        self._scanned = 0
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        """The data of every event completed by ``chunk``."""
-        buffer = self._buffer
-        buffer += chunk
-        events: list[bytes] = []
-        start = 0
-        # Resume the newline search where the last chunk ended: a long line is scanned once.
-        end = buffer.find(b"\n", self._scanned)
-        while end != -1:
-            self._line(bytes(buffer[start:end]), events)
-            start = end + 1
-            end = buffer.find(b"\n", start)
-        del buffer[:start]
-        self._scanned = len(buffer)
-        return events
-
-    def close(self) -> list[bytes]:
-        """The data of an event cut short by the end of the body (a lenient reading)."""
-        events: list[bytes] = []
-        if self._buffer:
-            self._line(bytes(self._buffer), events)
-            self._buffer.clear()
-        self._line(b"", events)
-        return events
-
-    def _line(self, line: bytes, events: list[bytes]) -> None:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if not line:
-            if self._data is not None:
-                events.append(b"\n".join(self._data))
-                self._data = None
-            return
-        if line.startswith(b":"):
-            return
-        field, _, value = line.partition(b":")
-        if field != b"data":
-            return
-        if value.startswith(b" "):
-            value = value[1:]
-        if self._data is None:
-            self._data = [value]
-        else:
-            self._data.append(value)
-
-
-def as_call_tool_result(result: Any) -> dict[str, Any]:
-    """A CallToolResult unchanged; a raw result (no content list, as brummer sends) wrapped as text."""
-    if isinstance(result, dict) and isinstance(result.get("content"), list):
-        return result
-    wrapped: dict[str, Any] = {"content": [{"type": "text", "text": json.dumps(result)}], "isError": False}
-    if isinstance(result, dict):
-        wrapped["structuredContent"] = result
-    return wrapped
-
-
-def _encode(request_id: int | None, method: str, params: Mapping[str, Any] | None) -> bytes:
-    message: dict[str, Any] = {"jsonrpc": "2.0"}
-    if request_id is not None:
-        message["id"] = request_id
-    message["method"] = method
-    if params is not None:
-        message["params"] = params
-    return json.dumps(message, separators=(",", ":")).encode()
-
-
-def _answers(message: dict[str, Any], request_id: int) -> bool:
-    """Whether ``message`` is the response to ``request_id`` (some servers echo ids as strings)."""
-    if "result" not in message and "error" not in message:
-        return False
-    answered = message.get("id")
-    return answered == request_id or answered == str(request_id)
-
-
 def _result_of(message: dict[str, Any]) -> Any:
     """The ``result`` of a JSON-RPC response; its ``error`` raised as McpError."""
     error = message.get("error")
@@ -683,9 +604,14 @@ def _dict_or_empty(value: object) -> dict[str, Any]:
 
 def _loads_or_none(body: bytes) -> Any:
     try:
-        return json.loads(body)
-    except ValueError:
+        return jsonrpc.decode(body)
+    except JsonRpcDecodeError:
         return None
+
+
+def _why(exc: JsonRpcDecodeError) -> str:
+    """What was wrong, unless it was plain bad syntax (the snippet shows that)."""
+    return "" if exc.syntax else f" ({exc.message})"
 
 
 def _snippet(value: object) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,12 +15,13 @@ from typing import Any
 import aiohttp
 
 from fsm_hub.errors import TransportError
-from fsm_hub.mcp.session import needs_answer
+from fsm_hub.mcp import jsonrpc, sse
+from fsm_hub.mcp.jsonrpc import needs_answer
+from fsm_hub.mcp.protocol import JSON, POST_HEADERS, SESSION_HEADER, SSE
 from fsm_hub.serve.ownership import Owner
 from fsm_hub.transports.stdio import StdioChannel
 
 log = logging.getLogger(__name__)
-SESSION_HEADER = "Mcp-Session-Id"
 GONE_STATUSES = frozenset({401, 404, 503})
 """What a live endpoint answers when it is not (or no longer) the owner our session lives on:
 another token, a session it does not know, or an owner that is stopping."""
@@ -31,12 +31,23 @@ class OwnerGone(TransportError):
     """The owning hub stopped answering."""
 
 
+class OwnerUnresponsive(TransportError):
+    """The owning hub accepted a request but gave no answer within the call timeout."""
+
+
 class Bridge:
     def __init__(
-        self, channel: StdioChannel, owner: Owner, *, on_lost: Callable[[Owner], None] | None = None
+        self,
+        channel: StdioChannel,
+        owner: Owner,
+        *,
+        on_lost: Callable[[Owner], None] | None = None,
+        call_timeout: float = 300.0,
     ) -> None:
         self.channel = channel
         self.owner = owner
+        self.call_timeout = call_timeout
+        """Seconds a relayed request may take, answer included, before its client gets an error."""
         self.session_id: str | None = None
         self.initialize: dict[str, Any] | None = None
         self.connected_to: dict[str, Any] | None = None
@@ -48,23 +59,29 @@ class Bridge:
             connector=aiohttp.TCPConnector(limit=0),
         )
         self._listener: asyncio.Task[None] | None = None
+        self._initialized = asyncio.Event()
+        """Clear while an initialize is on its way; set once it is answered (or failed)."""
+        self._initialized.set()
+
+    def __repr__(self) -> str:
+        session = self.session_id[:8] if self.session_id else None
+        listening = self._listener is not None and not self._listener.done()
+        return f"<Bridge owner={self.owner.pid} session={session} listening={listening}>"
 
     async def close(self, *, end_session: bool) -> None:
-        await self._stop_listening()
+        # The session ends before its stream: the owner would otherwise see the stream drop
+        # first and record the bridge as gone rather than the client as done.
         if end_session and self.session_id is not None:
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 async with self._http.delete(
                     self.owner.url, headers=self._headers(), timeout=aiohttp.ClientTimeout(total=2)
                 ):
                     pass
+        await self._stop_listening()
         await self._http.close()
 
     def _headers(self, owner: Owner | None = None, session_id: str | None = None) -> dict[str, str]:
-        headers = {
-            "Authorization": f"Bearer {(owner or self.owner).token}",
-            "Accept": "application/json, text/event-stream",
-            "Content-Type": "application/json",
-        }
+        headers = {"Authorization": f"Bearer {(owner or self.owner).token}", **POST_HEADERS}
         session_id = session_id if owner is not None else self.session_id
         if session_id is not None:
             headers[SESSION_HEADER] = session_id
@@ -85,30 +102,57 @@ class Bridge:
                 self.connected_to = None
 
     async def relay(self, line: bytes, message: Any) -> None:
-        """POST one client message to the owner and write whatever it answers to stdout."""
+        """POST one client message to the owner and write whatever it answers to stdout.
+
+        Bounded by the call timeout: an owner that accepts the request and never answers
+        (stopped, wedged) raises OwnerUnresponsive instead of holding the client forever.
+        Nothing is written for a request the owner never answered, so the caller answers it.
+        """
+        initializing = isinstance(message, dict) and message.get("method") == "initialize"
         try:
-            async with self._http.post(self.owner.url, data=line, headers=self._headers()) as response:
-                if response.status in GONE_STATUSES:
-                    raise OwnerGone(f"the owning hub answered HTTP {response.status}")
-                new_id = response.headers.get(SESSION_HEADER)
-                if new_id and new_id != self.session_id:
-                    self.session_id = new_id
-                    self._listen()
-                await self._forward(response, needs_answer(message))
-        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+            async with asyncio.timeout(self.call_timeout):
+                if initializing:
+                    self._initialized.clear()
+                elif self.session_id is None:
+                    # Sent right behind initialize (before its answer brought the session id):
+                    # without the id the owner would refuse it, so it waits for the session.
+                    await self._initialized.wait()
+                try:
+                    await self._post(line, message)
+                finally:
+                    if initializing:
+                        self._initialized.set()
+        except TimeoutError:
+            raise OwnerUnresponsive(
+                f"the owning hub (pid {self.owner.pid}) did not answer within {self.call_timeout:g}s"
+            ) from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
             raise OwnerGone(f"owning hub unreachable: {exc}") from None
+
+    async def _post(self, line: bytes, message: Any) -> None:
+        async with self._http.post(self.owner.url, data=line, headers=self._headers()) as response:
+            if response.status in GONE_STATUSES and "Retry-After" not in response.headers:
+                raise OwnerGone(f"the owning hub answered HTTP {response.status}")
+            new_id = response.headers.get(SESSION_HEADER)
+            if new_id and new_id != self.session_id:
+                self.session_id = new_id
+                self._listen()
+            await self._forward(response, needs_answer(message))
 
     async def _forward(self, response: aiohttp.ClientResponse, answer: bool) -> None:
         if response.status == 202:
             return
-        kind = response.headers.get("Content-Type", "")
-        if kind.startswith("text/event-stream"):
-            async for message in sse_messages(response.content):
-                self.channel.write(message.encode())
+        if response.content_type == SSE:
+            async for data in sse.events(response.content):
+                if data.strip():
+                    await self.channel.send(data)
             return
         body = await response.read()
         if answer and body.strip():  # a notification gets no answer, not even an error
-            self.channel.write(body.strip())
+            if response.content_type != JSON:
+                kind = response.content_type
+                raise OwnerGone(f"the owning hub answered HTTP {response.status} with {kind}")
+            await self.channel.send(body.strip())
 
     def _listen(self) -> None:
         if self._listener is not None:
@@ -127,8 +171,9 @@ class Bridge:
         with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
             async with self._http.get(owner.url, headers=self._headers()) as response:
                 if response.status == 200:
-                    async for message in sse_messages(response.content):
-                        self.channel.write(message.encode())
+                    async for data in sse.events(response.content):
+                        if data.strip():
+                            self.channel.write(data)
         # The owner ended the stream (it is stopping or gone) or refused it: not our doing,
         # since closing the bridge cancels this task first.
         if self._on_lost is not None:
@@ -156,7 +201,7 @@ class Bridge:
 
         async def call(message: dict[str, Any]) -> None:
             nonlocal session_id
-            data = json.dumps(message).encode()
+            data = jsonrpc.encode(message)
             async with self._http.post(
                 owner.url, data=data, headers=self._headers(owner, session_id)
             ) as response:
@@ -173,19 +218,3 @@ class Bridge:
         self.owner, self.session_id = owner, session_id
         if session_id is not None:
             self._listen()
-
-
-async def sse_messages(stream: aiohttp.StreamReader) -> Any:
-    """The `data` payloads of an SSE stream (LF or CRLF lines, comments skipped)."""
-    data: list[str] = []
-    async for raw in stream:
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
-        elif line.startswith("data:"):
-            value = line[5:]
-            data.append(value[1:] if value.startswith(" ") else value)
-    if data:
-        yield "\n".join(data)

@@ -24,6 +24,9 @@ class Owner:
 
 class Ownership:
     def __init__(self, db: Path) -> None:
+        # The lock is the real file's: a symlink, a relative path or another alias of the same
+        # log must find the same lock, or two processes would both own (and supervise) it.
+        db = db.resolve()
         self.lock_path = db.with_name(db.name + ".lock")
         self.info_path = db.with_name(db.name + ".owner.json")
         self._fd: int | None = None

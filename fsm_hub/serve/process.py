@@ -9,27 +9,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fsm_hub.discovery.directory import Discovery, process_is_running
 from fsm_hub.errors import FsmHubError
-from fsm_hub.mcp.session import INTERNAL_ERROR, Session, error_response, parse_error
+from fsm_hub.mcp import jsonrpc
+from fsm_hub.mcp.jsonrpc import INTERNAL_ERROR, JsonRpcDecodeError, decode_error, error_response, parse_error
+from fsm_hub.mcp.session import Session
+from fsm_hub.observe import banner
+from fsm_hub.serve.attach import AttachMachine
 from fsm_hub.serve.bridge import Bridge, OwnerGone
 from fsm_hub.serve.ownership import Owner, Ownership
+from fsm_hub.serve.relay import HttpRelay
 from fsm_hub.store.sqlite import EventStore
 from fsm_hub.supervision.hub import Hub
 from fsm_hub.supervision.supervisor import DEFAULT_TIMING, Timing
-from fsm_hub.transports.http import HttpEndpoint
+from fsm_hub.transports.http import HttpEndpoint, HttpLimits
 from fsm_hub.transports.stdio import StdioChannel
 
 log = logging.getLogger(__name__)
 TAKEOVER_WAIT = 10.0
+EOF_GRACE = 10.0
+"""Seconds the answers to requests read before end of input may still take."""
+END_OF_INPUT = "client closed stdin"
+MAX_IN_FLIGHT = 16
+"""Requests of one stdio client handled at once."""
+RELAY_POLL = 0.2
+"""Seconds between an attached `serve --http`'s looks at whether the log's owner is gone."""
+DEFAULT_LIMITS = HttpLimits()
+
+DISCOVERY_HEAD_START = 0.25
+"""Seconds the first look at the instances directory may take before clients are served anyway
+(a small directory is then complete at the first call; a huge one fills in while serving)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +56,8 @@ class ServeOptions:
     http: tuple[str, int] | None = None
     allow_remote: bool = False
     timing: Timing = DEFAULT_TIMING
+    limits: HttpLimits = DEFAULT_LIMITS
+    """Session expiry, session and connection caps of both HTTP endpoints."""
 
 
 class OwnedHub:
@@ -61,18 +79,20 @@ class OwnedHub:
         discovery = Discovery(options.instances_dir, allow_remote=options.allow_remote)
         self.hub = Hub(self.store, discovery, timing=options.timing)
         try:
-            await self.hub.start()
+            await self.hub.start(wait_for_discovery=False)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.hub.discovered.wait(), DISCOVERY_HEAD_START)
             if settle:
                 await self.hub.settle(settle)
             token = secrets.token_urlsafe(24)
-            private = HttpEndpoint(self.hub, "127.0.0.1", 0, token=token)
+            private = HttpEndpoint(self.hub, "127.0.0.1", 0, token=token, limits=options.limits)
             self.endpoints.append(private)
             self.ownership.advertise(await private.start(), token)
             if options.http is not None:
-                public = HttpEndpoint(self.hub, *options.http)
+                public = HttpEndpoint(self.hub, *options.http, limits=options.limits)
                 self.endpoints.append(public)
                 url = await public.start()
-                log.warning("fsm-hub: serving MCP over Streamable HTTP at %s", url)
+                log.info("fsm-hub: serving MCP over Streamable HTTP at %s", url)
         except asyncio.CancelledError:
             await self.stop("stopped while starting")
             raise
@@ -105,18 +125,55 @@ async def serve(options: ServeOptions) -> int:
     if ownership.try_acquire():
         owned = OwnedHub(options, ownership)
         hub = await owned.start()
+        banner.owner(options, owned)
         hub.on_failure(lambda _: stop.set())
         if channel is None:
             await stop.wait()
             await owned.stop("log unwritable" if hub.failure else "signal")
             return _exit_code(hub)
-        await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop)
-        return _exit_code(hub)
-    if channel is None:
+        code = await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop)
+        return _exit_code(hub) or code
+    relay: HttpRelay | None = None
+    if options.http is not None:
+        # The public endpoint relays to whoever owns the log; a takeover here must not bind it again.
+        relay = HttpRelay(
+            *options.http, ownership.read, limits=options.limits, call_timeout=options.timing.call_timeout
+        )
+        url = await relay.start()
         owner = ownership.read()
         who = f" (pid {owner.pid})" if owner else ""
-        raise FsmHubError(f"another fsm-hub{who} already serves {options.db}; use serve --mcp to attach")
-    return await _attach(channel, options, ownership, stop)
+        log.warning("fsm-hub: serving MCP over Streamable HTTP at %s, relayed to the owning hub%s", url, who)
+        options = replace(options, http=None)
+    try:
+        if channel is None:
+            if relay is None:
+                owner = ownership.read()
+                who = f" (pid {owner.pid})" if owner else ""
+                raise FsmHubError(
+                    f"another fsm-hub{who} already serves {options.db}; use serve --mcp or --http to attach"
+                )
+            return await _relay_until_stopped(options, ownership, stop)
+        return await _attach(channel, options, ownership, stop)
+    finally:
+        if relay is not None:
+            await relay.stop()
+
+
+async def _relay_until_stopped(options: ServeOptions, ownership: Ownership, stop: asyncio.Event) -> int:
+    """An attached `serve --http`: relay until a signal; take over the log when its owner exits."""
+    owned: OwnedHub | None = None
+    try:
+        while not stop.is_set():
+            if owned is None and ownership.try_acquire():
+                log.warning("fsm-hub: the owning hub is gone; taking over")
+                owned = OwnedHub(options, ownership)
+                await owned.start(settle=options.timing.connect_timeout)  # advertises: the relay follows
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RELAY_POLL)
+    finally:
+        if owned is not None:
+            await owned.stop("signal")
+    return 0
 
 
 async def _serve_stdio(
@@ -132,9 +189,10 @@ async def _serve_stdio(
     async def answer(message: Any) -> None:
         reply = await session.handle(message)
         if reply is not None:
-            channel.write(reply)
+            await channel.send(reply)
 
     reason = await _pump(channel, stop, tasks, lambda line, message: answer(message))
+    await _finish_answers(reason, tasks)
     await session.close(reason)
     for task in tasks:
         task.cancel()
@@ -166,21 +224,29 @@ async def _pump(
 
 
 async def _read_lines(channel: StdioChannel, tasks: set[asyncio.Task[Any]], handle: Any) -> str:
-    """The hot loop: one line in, one task out; no per-line timers or waits."""
+    """The hot loop: one line in, one task out; no per-line timers or waits.
+
+    At most MAX_IN_FLIGHT requests are handled at once: beyond, stdin is not read until one
+    is answered, so a client that stops reading its answers stops the hub reading its requests
+    (memory stays bounded) instead of piling answers up.
+    """
     while True:
+        if len(tasks) >= MAX_IN_FLIGHT:
+            await asyncio.wait(list(tasks), return_when=asyncio.FIRST_COMPLETED)
+            continue
         try:
             line = await channel.readline()
         except ValueError:
-            channel.write(parse_error())
+            channel.write(parse_error(f"Parse error: the line exceeds {jsonrpc.MAX_MESSAGE} bytes"))
             continue
         if line is None:
-            return "client closed stdin"
+            return END_OF_INPUT
         if not line.strip():
             continue
         try:
-            message = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            channel.write(parse_error())
+            message = jsonrpc.decode(line)
+        except JsonRpcDecodeError as exc:
+            await channel.send(decode_error(exc))
             continue
         task = asyncio.create_task(handle(line, message))
         tasks.add(task)
@@ -194,8 +260,10 @@ async def _attach(
     owner = await _wait_for_owner(ownership)
     if owner is None:
         return await _take_over_or_fail(channel, options, ownership, stop, set())
+    banner.attached(options, owner)
     tasks: set[asyncio.Task[Any]] = set()
-    state: dict[str, Any] = {"owned": None, "session": None}
+    attachment = AttachMachine()
+    owned: OwnedHub | None = None
     failover_lock = asyncio.Lock()
 
     def owner_lost(failed: Owner) -> None:
@@ -204,50 +272,57 @@ async def _attach(
         task.add_done_callback(_failover_done)
         task.add_done_callback(tasks.discard)
 
-    bridge = Bridge(channel, owner, on_lost=owner_lost)
+    bridge = Bridge(channel, owner, on_lost=owner_lost, call_timeout=options.timing.call_timeout)
 
     async def failover(failed: Owner) -> None:
+        nonlocal owned
         async with failover_lock:
-            if state["session"] is not None or bridge.owner != failed:
+            if attachment.owning.is_active or bridge.owner != failed:
                 return  # someone already moved us on
+            attachment.owner_lost()
             log.warning("fsm-hub: the owning hub (pid %s) is gone; taking over or re-attaching", failed.pid)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + TAKEOVER_WAIT
             retry_same = True
-            while loop.time() < deadline:
-                if ownership.try_acquire():
-                    owned = OwnedHub(options, ownership)
-                    hub = await owned.start(settle=options.timing.connect_timeout)
-                    session = Session(hub, secrets.token_hex(16), channel.write)
-                    state["owned"] = owned
-                    # Bound again before any new message reaches the session: until then they
-                    # queue on this lock (their relay fails, they ask for a failover).
-                    await bridge.reattach(session.handle)
-                    state["session"] = session
-                    await bridge.close(end_session=False)
-                    return
-                successor = ownership.read()
-                if successor is not None and successor != failed:
-                    with contextlib.suppress(OwnerGone):
-                        await bridge.replay_remote(successor)
+            try:
+                while loop.time() < deadline:
+                    if ownership.try_acquire():
+                        owned = OwnedHub(options, ownership)
+                        hub = await owned.start(settle=options.timing.connect_timeout)
+                        session = Session(hub, secrets.token_hex(16), channel.write)
+                        # Bound again before any new message reaches the session: until then they
+                        # queue on this lock (their relay fails, they ask for a failover).
+                        await bridge.reattach(session.handle)
+                        attachment.took_over(session=session)
+                        await bridge.close(end_session=False)
                         return
-                elif successor is not None and retry_same and process_is_running(successor.pid):
-                    # Still running, it may just have lost our session: try once to re-establish
-                    # it there. If it is stopping (503), wait for its lock instead of pestering it.
-                    retry_same = False
-                    with contextlib.suppress(OwnerGone):
-                        await bridge.replay_remote(successor)
-                        return
-                await asyncio.sleep(0.05)
+                    successor = ownership.read()
+                    if successor is not None and successor != failed:
+                        with contextlib.suppress(OwnerGone):
+                            await bridge.replay_remote(successor)
+                            attachment.reattached()
+                            return
+                    elif successor is not None and retry_same and process_is_running(successor.pid):
+                        # Still running, it may just have lost our session: try once to re-establish
+                        # it there. If it is stopping (503), wait for its lock instead of pestering it.
+                        retry_same = False
+                        with contextlib.suppress(OwnerGone):
+                            await bridge.replay_remote(successor)
+                            attachment.reattached()
+                            return
+                    await asyncio.sleep(0.05)
+            finally:
+                if attachment.failing_over.is_active:
+                    attachment.gave_up()  # the client's next call tries again
             raise FsmHubError("the owning hub is gone and no process could take over")
 
     async def handle(line: bytes, message: Any) -> None:
         for _ in range(2):
-            session: Session | None = state["session"]
+            session = attachment.model.session
             if session is not None:
                 reply = await session.handle(message)
                 if reply is not None:
-                    channel.write(reply)
+                    await channel.send(reply)
                 return
             current = bridge.owner
             try:
@@ -259,24 +334,40 @@ async def _attach(
                     log.error("fsm-hub: %s", exc)
                     break
                 continue
+            except Exception as exc:  # unresponsive owner, an oversized event, anything: answer
+                log.error("fsm-hub: %s", exc)
+                if isinstance(message, dict) and "id" in message:
+                    await channel.send(error_response(message["id"], INTERNAL_ERROR, f"fsm-hub: {exc}"))
+                return
             # Remembered once delivered: a message that failed is retried on the new owner as
             # itself, so replaying it first would send it twice.
             bridge.remember(message)
             return
         if isinstance(message, dict) and "id" in message:
-            channel.write(error_response(message["id"], INTERNAL_ERROR, "fsm-hub: no hub is reachable"))
+            await channel.send(error_response(message["id"], INTERNAL_ERROR, "fsm-hub: no hub is reachable"))
 
     reason = await _pump(channel, stop, tasks, handle)
+    await _finish_answers(reason, tasks)
     for task in list(tasks):
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    if state["session"] is not None:
-        await state["session"].close(reason)
-    if state["owned"] is not None:
-        await state["owned"].stop(reason)
-    await bridge.close(end_session=state["owned"] is None)  # again, if we took over: harmless
+    if attachment.model.session is not None:
+        await attachment.model.session.close(reason)
+    if owned is not None:
+        await owned.stop(reason)
+    await bridge.close(end_session=owned is None)  # again, if we took over: harmless
     await channel.drain()
     return 0
+
+
+async def _finish_answers(reason: str, tasks: set[asyncio.Task[Any]]) -> None:
+    """After end of input, let the requests already read be answered (for at most EOF_GRACE).
+
+    A client that writes its last request and closes stdin still reads stdout: its answer
+    must not be dropped. A signal stops at once.
+    """
+    if reason == END_OF_INPUT and tasks:
+        await asyncio.wait(list(tasks), timeout=EOF_GRACE)
 
 
 def _failover_done(task: asyncio.Task[Any]) -> None:
@@ -310,9 +401,10 @@ async def _take_over_or_fail(
         raise FsmHubError(f"another fsm-hub holds {ownership.lock_path} but advertises no endpoint")
     owned = OwnedHub(options, ownership)
     hub = await owned.start()
+    banner.owner(options, owned)
     hub.on_failure(lambda _: stop.set())
-    await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop, tasks)
-    return _exit_code(hub)
+    code = await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop, tasks)
+    return _exit_code(hub) or code
 
 
 def _exit_code(hub: Hub) -> int:

@@ -23,6 +23,7 @@ from fsm_hub.core.events import HUB_STREAM, EventType, StoredEvent
 from fsm_hub.core.view import Fold, InstanceView, View, resolve
 from fsm_hub.discovery.directory import (
     Announcement,
+    Change,
     Changed,
     Discovery,
     Found,
@@ -49,6 +50,8 @@ from fsm_hub.supervision.supervisor import (
 log = logging.getLogger(__name__)
 
 InstanceListener = Callable[[str], None]
+DISCOVERY_CHUNK = 100
+"""New instances recorded per group commit before the hub lets other tasks run."""
 
 
 def announced(announcement: Announcement) -> dict[str, Any]:
@@ -68,7 +71,7 @@ def evidence(instance: InstanceView) -> tuple[int | None, int | None, str | None
 
 def what_changed(before: InstanceView, after: Announcement) -> str:
     changes = [
-        f"{name} {old} → {new}"
+        _change(name, old, new)
         for name, old, new in (
             ("port", before.port, after.port),
             ("pid", before.pid, after.pid),
@@ -77,6 +80,15 @@ def what_changed(before: InstanceView, after: Announcement) -> str:
         if old != new
     ]
     return "re-announced: " + ", ".join(changes)
+
+
+def _change(name: str, old: object, new: object) -> str:
+    """`pid 1 → 2`; an unknown side is left out rather than shown as `None`."""
+    if old is None:
+        return f"{name} {new} (not announced before)"
+    if new is None:
+        return f"{name} {old} no longer announced"
+    return f"{name} {old} → {new}"
 
 
 class Hub:
@@ -109,6 +121,9 @@ class Hub:
         self._supervisors: dict[str, Supervisor] = {}
         self._listeners: list[InstanceListener] = []
         self._discovery_task: asyncio.Task[None] | None = None
+        self._missing_checked = False
+        self.discovered = asyncio.Event()
+        """Set once the first look at the instances directory has been reconciled with the log."""
         self._frozen = False
         self._stopping = False
         self._restarts: set[asyncio.Task[None]] = set()
@@ -122,8 +137,13 @@ class Hub:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Fold the log, record `hub_started`, bring live instances back, reconcile with files."""
+    async def start(self, *, wait_for_discovery: bool = True) -> None:
+        """Fold the log, record `hub_started`, bring live instances back, reconcile with files.
+
+        With `wait_for_discovery=False` the first look at the directory (thousands of files can
+        take seconds) goes on in the background and `discovered` tells when it is done: a
+        server answers its clients meanwhile.
+        """
         self._started = time.monotonic()
         if self._connector is None:
             self._http = aiohttp.ClientSession(
@@ -147,12 +167,19 @@ class Hub:
                 supervisor = await self._supervise(instance)
                 await supervisor.deliver(Rediscover(instance.url or "", "hub restart"))
         changes = self.discovery.changes()
+        if wait_for_discovery:
+            await self._discover_first(changes)
+        self._discovery_task = asyncio.create_task(
+            self._follow(changes, first=not wait_for_discovery), name="fsm-hub-discovery"
+        )
+
+    async def _discover_first(self, changes: AsyncIterator[Sequence[Change]]) -> None:
         first = await anext(changes)
         await self._reconcile(first, initial=True)
         for supervisor in self._supervisors.values():
             self._start(supervisor)
         self._freeze_long_lived()
-        self._discovery_task = asyncio.create_task(self._follow(changes), name="fsm-hub-discovery")
+        self.discovered.set()
 
     async def settle(self, timeout: float) -> None:
         """Wait (at most `timeout` seconds) until no instance is still discovered or connecting.
@@ -161,6 +188,8 @@ class Hub:
         instances reconnected instead of failing fast while they are.
         """
         deadline = time.monotonic() + timeout
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.discovered.wait(), timeout)
         while time.monotonic() < deadline:
             if not any(s.state in ("discovered", "connecting") for s in self._supervisors.values()):
                 return
@@ -208,7 +237,15 @@ class Hub:
 
     # -- discovery → supervisors ------------------------------------------------------------
 
-    async def _follow(self, changes: AsyncIterator[Sequence[Found | Changed | Updated | Gone]]) -> None:
+    async def _follow(
+        self, changes: AsyncIterator[Sequence[Found | Changed | Updated | Gone]], *, first: bool = False
+    ) -> None:
+        if first:
+            try:
+                await self._discover_first(changes)
+            except Exception:
+                log.exception("could not apply the first look at the instances directory")
+                self.discovered.set()
         async for batch in changes:
             supervised = len(self._supervisors)
             try:
@@ -219,25 +256,67 @@ class Hub:
                 self._freeze_long_lived()
 
     async def _reconcile(self, batch: Sequence[Found | Changed | Updated | Gone], *, initial: bool) -> None:
-        seen: set[str] = set()
+        seen = await self._discover_new(batch, start=not initial)
         for change in batch:
             if isinstance(change, Gone):
                 await self._gone(change.instance_id, change.reason)
+            elif change.announcement.id in seen:
+                continue
             else:
                 seen.add(change.announcement.id)
-                await self._announced(change.announcement, start=not initial)
-        if initial:
-            for instance in list(self.view.instances.values()):
-                if instance.id not in seen and instance.state != "dead":
-                    await self._gone(instance.id, self._why_missing(instance))
+                back = change.reason if isinstance(change, Found) else ""
+                await self._announced(change.announcement, start=not initial, back=back)
+        if not self._missing_checked and self.discovery.failure is None:
+            await self._remove_missing()
 
-    async def _announced(self, announcement: Announcement, *, start: bool) -> None:
-        known = self._fold.instance(announcement.id)
+    async def _remove_missing(self) -> None:
+        """Remove what the log has alive but the first successful look did not find.
+
+        Not while the directory cannot be read for a local reason (EMFILE, ...): that says
+        nothing about the instances, so the check waits for the first look that succeeds.
+        """
+        self._missing_checked = True
+        found = self.discovery.current.keys()
+        for instance in list(self.view.instances.values()):
+            if instance.id not in found and instance.state != "dead":
+                reason = self._why_missing(instance)
+                await self._gone(instance.id, reason)
+                if self.discovery.refused is not None:
+                    self.discovery.withdraw(instance.id, reason)
+
+    async def _discover_new(self, batch: Sequence[Change], *, start: bool) -> set[str]:
+        """Record every instance the log has never seen in one group commit, then supervise them.
+
+        Appending them one by one, each awaiting its own commit, made a directory of 1,000 files
+        take seconds (tools/bench_discovery.py); the store commits whatever is queued together.
+        """
+        fresh = [
+            change.announcement
+            for change in batch
+            if not isinstance(change, Gone) and self.instance(change.announcement.id) is None
+        ]
+        for first in range(0, len(fresh), DISCOVERY_CHUNK):
+            chunk = fresh[first : first + DISCOVERY_CHUNK]
+            await asyncio.gather(
+                *(self.store.append(a.id, EventType.INSTANCE_DISCOVERED, announced(a)) for a in chunk)
+            )
+            for announcement in chunk:
+                instance = self.instance(announcement.id)
+                assert instance is not None
+                supervisor = await self._supervise(instance)
+                if start:
+                    self._start(supervisor)
+            await asyncio.sleep(0)  # a machine costs ~0.3 ms to build: let clients be answered
+        return {a.id for a in fresh}
+
+    async def _announced(self, announcement: Announcement, *, start: bool, back: str = "") -> None:
+        """`back`: why discovery, having withdrawn it (a refused directory), offers it again."""
+        known = self.instance(announcement.id)
         data = announced(announcement)
         if known is None:
             await self.store.append(announcement.id, EventType.INSTANCE_DISCOVERED, data)
-            instance = self._fold.instance(announcement.id)
-            assert instance is not None  # committed, hence folded, before the append returned
+            instance = self.instance(announcement.id)
+            assert instance is not None
             supervisor = await self._supervise(instance)
             if start:
                 self._start(supervisor)
@@ -247,10 +326,13 @@ class Hub:
             announcement.directory,
             announcement.evidence(),
         ):
-            await self.store.append(announcement.id, EventType.INSTANCE_UPDATED, data)
-        if evidence(known) == announcement.evidence():
-            return
+            changed = {k: v for k, v in data.items() if getattr(known, k) != v}  # fold keeps the rest
+            await self.store.append(announcement.id, EventType.INSTANCE_UPDATED, changed)
         existing = self._supervisors.get(announcement.id)
+        if evidence(known) == announcement.evidence():
+            if back and existing is not None:  # removed for the refusal: unchanged, so back again
+                await existing.deliver(Rediscover(announcement.url, back))
+            return
         if existing is None:  # a dead instance from an earlier run, back with new evidence
             supervisor = await self._supervise(known)
             if start:
@@ -261,6 +343,8 @@ class Hub:
 
     def _why_missing(self, instance: InstanceView) -> str:
         """Why an instance the log knows is not among the announcements found at start."""
+        if self.discovery.refused is not None:
+            return f"instances directory refused: {self.discovery.refused}"
         if not (self.discovery.directory / f"{instance.id}.json").exists():
             return "instance file gone while the hub was stopped"
         if instance.pid is not None and not process_is_running(instance.pid):
@@ -463,5 +547,6 @@ class Hub:
             "uptime_seconds": round(time.monotonic() - self._started, 3),
             "instances_dir": str(self.discovery.directory),
             "instances_dir_refused": self.discovery.refused,
+            "discovering": not self.discovered.is_set(),
             "version": __version__,
         }

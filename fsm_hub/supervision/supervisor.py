@@ -17,8 +17,8 @@ from typing import Any, Protocol, TypeVar
 
 from fsm_hub.core.machine import InstanceMachine
 from fsm_hub.errors import InstanceUnavailable, LogUnwritable, StoreError, TransportError
+from fsm_hub.mcp.protocol import as_call_tool_result
 from fsm_hub.mcp.tool_names import usable_tools
-from fsm_hub.mcp.upstream import as_call_tool_result
 from fsm_hub.store.recorder import fire
 
 log = logging.getLogger(__name__)

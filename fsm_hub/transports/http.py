@@ -1,66 +1,70 @@
 """Streamable HTTP transport (server side, aiohttp): one `Session` per `Mcp-Session-Id`.
 
-Loopback by default. A foreign `Origin` gets 403 and a foreign `Host` 421, as the MCP spec and
-the official SDK do, so a web page cannot drive the hub through DNS rebinding.
+Loopback by default. A foreign `Origin` gets 403 and a foreign or malformed `Host` 421, as the
+MCP spec and the official SDK do, so a web page cannot drive the hub through DNS rebinding.
+Nothing can hold it open: connections are capped and idle ones closed (`connections.py`),
+bodies are read under a deadline and size limit, sessions expire when idle and are capped in
+number. On the private endpoint (a `token` is set) the token is checked before a body is read,
+and a session ends with the GET stream of the bridge that opened it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
-import json
 import logging
 import secrets
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from fsm_hub.mcp.session import (
+from fsm_hub.mcp import jsonrpc, sse
+from fsm_hub.mcp.jsonrpc import (
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
-    METHODS,
-    Session,
+    JsonRpcDecodeError,
+    decode_error,
     error_response,
     needs_answer,
-    parse_error,
-    request_emit,
 )
+from fsm_hub.mcp.protocol import JSON, SESSION_HEADER, SSE, accepts, ip_literal, is_loopback, split_host
+from fsm_hub.mcp.session import METHODS, Session, request_emit
 from fsm_hub.supervision.hub import Hub
+from fsm_hub.transports.connections import ConnectionGuard, Guarded, retrieve
+from fsm_hub.transports.dashboard import Dashboard
 
 log = logging.getLogger(__name__)
 
-SESSION_HEADER = "Mcp-Session-Id"
-BACKLOG = 256
+__all__ = ["RELAYED_HEADER", "SESSION_HEADER", "HttpEndpoint", "HttpLimits", "is_loopback", "split_host"]
+
+RELAYED_HEADER: Final = "X-Fsm-Hub-Relayed"
+"""Sent by an attached `serve --http` on the private endpoint: its sessions are HTTP clients'
+(whose GET streams come and go), not a bridge's."""
+BACKLOG: Final = 256
 """Server messages a session keeps while no GET stream is open to carry them (oldest dropped)."""
-_JSON = "application/json"
-_SSE = "text/event-stream"
 
 
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """What one endpoint allows; the defaults are the documented ones."""
 
-
-def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return None
-
-
-def split_host(value: str) -> str:
-    """The host part of a `Host` header value (`[::1]:8080` → `::1`)."""
-    if value.startswith("["):
-        return value[1 : value.find("]")] if "]" in value else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+    session_idle: float = 1800.0
+    """Seconds a session may go without a request or an open stream before it is closed."""
+    max_sessions: int = 1000
+    """Live sessions; beyond it `initialize` gets 503."""
+    max_connections: int = 256
+    """Open TCP connections; beyond it a new connection gets 503 and is closed."""
+    head_timeout: float = 10.0
+    """Seconds a new connection may take to send its first request head."""
+    idle_timeout: float = 60.0
+    """Seconds a keep-alive connection may wait for (or dribble) its next request head."""
+    body_timeout: float = 30.0
+    """Seconds a request body may take to arrive."""
+    max_body: int = jsonrpc.MAX_MESSAGE
 
 
 @dataclass(slots=True)
@@ -69,93 +73,129 @@ class HttpSession:
     outbox: asyncio.Queue[dict[str, Any]]
     """Server-initiated messages for the session's GET stream; kept (up to BACKLOG) until one
     is open, so a notification sent just before the client opens it is not lost."""
+    last_seen: float
+    """When the session last had a request (on the endpoint's clock)."""
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
     """The handlers of its open GET streams, ended when the session is."""
+    requests: int = 0
+    """Requests being handled right now."""
+    ends_with_stream: bool = False
+    """A bridge's session: it ends when the bridge's GET stream does (the bridge is gone)."""
+
+    def idle_since(self, now: float) -> float:
+        """Seconds the session has been idle; 0 while it has a request or an open stream."""
+        return 0.0 if self.requests or self.streams else now - self.last_seen
 
     async def close(self, reason: str) -> None:
         for stream in self.streams:
             stream.cancel()
         await self.session.close(reason)
 
+    def __repr__(self) -> str:
+        return (
+            f"<HttpSession {self.session.id[:8]} requests={self.requests} streams={len(self.streams)}"
+            f" bound={self.session.bound}>"
+        )
+
 
 class HttpEndpoint:
     """Serves `/mcp` for many clients; `token` (for the hub's private endpoint) is required if set."""
 
-    def __init__(self, hub: Hub, host: str = "127.0.0.1", port: int = 0, *, token: str | None = None) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        token: str | None = None,
+        limits: HttpLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.hub = hub
         self.host = host
         self.port = port
         self.token = token
+        self.limits = limits or HttpLimits()
+        self.clock = clock
         self.sessions: dict[str, HttpSession] = {}
+        self.connections = ConnectionGuard(
+            self.limits.max_connections, self.limits.head_timeout, self.limits.idle_timeout
+        )
         self._runner: web.AppRunner | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._stopping = False
+
+    def __repr__(self) -> str:
+        kind = "private" if self.token is not None else "public"
+        return f"<HttpEndpoint {kind} {self.url} sessions={len(self.sessions)} {self.connections!r}>"
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/mcp"
+        return mcp_url(self.host, self.port)
 
     async def start(self) -> str:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=self.limits.max_body, middlewares=[self._track])
         app.router.add_post("/mcp", self._post)
         app.router.add_get("/mcp", self._get)
         app.router.add_delete("/mcp", self._delete)
-        # Stopping closes every session (cancelling its handlers) before the runner: what is
-        # left is idle keep-alive connections, which must not hold the hub's exit (and with it
-        # the log's lock, which an attached process is waiting to take over) for aiohttp's 60 s.
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
-        if self.port == 0:
-            self.port = int(self._runner.addresses[0][1])
+        if self.token is None:  # the public endpoint also serves the dashboard at /
+            Dashboard(self.hub, self._refusal).register(app)
+        self._runner, self.port = await start_guarded(app, self.host, self.port, self.connections)
+        self._sweeper = asyncio.create_task(self._sweep(), name=f"sessions-expiry {self.port}")
         return self.url
 
     async def stop(self, reason: str = "hub stopped") -> None:
         self._stopping = True  # no new session may start on a hub that is going away
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for entry in list(self.sessions.values()):
             await entry.close(reason)
         self.sessions.clear()
         if self._runner is not None:
             await self._runner.cleanup()
 
+    # -- expiry -----------------------------------------------------------------------------
+
+    async def expire_idle(self) -> list[str]:
+        """Close the sessions idle for `session_idle` seconds; their ids then get 404."""
+        now = self.clock()
+        expired = [
+            entry for entry in self.sessions.values() if entry.idle_since(now) >= self.limits.session_idle
+        ]
+        for entry in expired:
+            self.sessions.pop(entry.session.id, None)
+            await entry.close("idle")
+        return [entry.session.id for entry in expired]
+
+    async def _sweep(self) -> None:
+        interval = min(max(self.limits.session_idle / 4, 0.05), 30.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.expire_idle()
+            except Exception as exc:  # a failed record must not end expiry for good
+                log.error("fsm-hub: expiring idle sessions failed: %s", exc)
+
     # -- checks -----------------------------------------------------------------------------
+
+    @web.middleware
+    async def _track(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Mark the connection busy while a request is handled: no idle deadline meanwhile."""
+        guarded = self.connections.of(request.transport)
+        if guarded is not None:
+            guarded.busy()
+        try:
+            return await handler(request)
+        finally:
+            if guarded is not None:
+                guarded.idle()
 
     def _refusal(self, request: web.Request) -> web.Response | None:
         if self._stopping:
-            stopping = error_response(None, INVALID_REQUEST, "fsm-hub is stopping")
-            refusal = web.json_response(stopping, status=503)
-            refusal.force_close()  # leave no keep-alive connection for the shutdown to wait on
-            return refusal
-        host_header = request.headers.get("Host", "")
-        if not is_loopback(split_host(host_header)) and not self._is_own_host(host_header):
-            return web.json_response(
-                error_response(None, INVALID_REQUEST, f"Misdirected request: Host {host_header!r}"),
-                status=421,
-            )
-        origin = request.headers.get("Origin")
-        if origin is not None and not is_loopback(urlsplit(origin).hostname or ""):
-            return web.json_response(
-                error_response(None, INVALID_REQUEST, f"Forbidden: Origin {origin!r}"), status=403
-            )
-        if self.token is not None:
-            given = request.headers.get("Authorization", "")
-            if not secrets.compare_digest(given, f"Bearer {self.token}"):
-                return web.json_response(error_response(None, INVALID_REQUEST, "Unauthorized"), status=401)
-        return None
-
-    def _is_own_host(self, host_header: str) -> bool:
-        """When bound to a non-loopback address on purpose, that address is our own Host.
-
-        Bound to a wildcard (0.0.0.0, ::), any IP literal is: DNS rebinding needs a name.
-        """
-        if is_loopback(self.host):
-            return False
-        host = split_host(host_header)
-        bound = _ip_literal(self.host)
-        if bound is not None and bound.is_unspecified:
-            return _ip_literal(host) is not None
-        return host == self.host
+            return _refuse(error_response(None, INVALID_REQUEST, "fsm-hub is stopping"), 503)
+        return origin_refusal(request, self.host, self.token)
 
     def _session(self, request: web.Request, message: Any = None) -> HttpSession | web.Response:
         request_id = message.get("id") if isinstance(message, dict) else None
@@ -165,53 +205,83 @@ class HttpEndpoint:
             if isinstance(method, str) and "id" in message and method not in METHODS:
                 # e.g. the 2026-07-28 `server/discover` probe: -32601 tells the client to fall
                 # back to `initialize`, which then opens a session
-                return web.json_response(
-                    error_response(request_id, METHOD_NOT_FOUND, f"Method not found: {method}")
-                )
-            return web.json_response(
+                return _json(error_response(request_id, METHOD_NOT_FOUND, f"Method not found: {method}"))
+            return _json(
                 error_response(request_id, INVALID_REQUEST, f"Bad Request: missing {SESSION_HEADER} header"),
-                status=400,
+                400,
             )
         entry = self.sessions.get(session_id)
         if entry is None:
-            return web.json_response(
-                error_response(request_id, INVALID_REQUEST, "Session not found"), status=404
-            )
+            return _json(error_response(request_id, INVALID_REQUEST, "Session not found"), 404)
         return entry
 
     # -- handlers ---------------------------------------------------------------------------
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
-        refused = self._refusal(request)
+        refused = self._refusal(request)  # before the body: an unauthorized body is never read
         if refused is not None:
             return refused
-        body = await request.read()
+        if request.content_type != JSON:
+            return _refuse(
+                error_response(None, INVALID_REQUEST, "Unsupported Media Type: POST needs application/json"),
+                415,
+            )
+        accept = request.headers.get("Accept", "")
+        if not (accepts(accept, JSON) and accepts(accept, SSE)):
+            return _refuse(
+                error_response(
+                    None, INVALID_REQUEST, f"Not Acceptable: Accept must list both {JSON} and {SSE}"
+                ),
+                406,
+            )
         try:
-            message = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return web.json_response(parse_error(), status=400)
+            async with asyncio.timeout(self.limits.body_timeout):
+                body = await request.read()
+        except TimeoutError:
+            return _refuse(error_response(None, INVALID_REQUEST, "Request Timeout: body too slow"), 408)
+        except web.HTTPRequestEntityTooLarge:
+            too_large = f"Invalid Request: body exceeds {self.limits.max_body} bytes"
+            return _refuse(error_response(None, INVALID_REQUEST, too_large), 413)
+        try:
+            message = jsonrpc.decode(body, max_bytes=self.limits.max_body)
+        except JsonRpcDecodeError as exc:
+            return _json(decode_error(exc), 400)
         if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
+            if len(self.sessions) >= self.limits.max_sessions:
+                full = f"fsm-hub serves {len(self.sessions)} sessions, its --max-sessions; try later"
+                refusal = _json(error_response(message.get("id"), INVALID_REQUEST, full), 503)
+                refusal.headers["Retry-After"] = "5"
+                return refusal
             entry = self._new_session()
+            entry.ends_with_stream = self.token is not None and RELAYED_HEADER not in request.headers
         else:
             found = self._session(request, message)
             if isinstance(found, web.Response):
                 return found
             entry = found
+        entry.requests += 1
+        try:
+            return await self._answer(request, entry, message)
+        finally:
+            entry.requests -= 1
+            entry.last_seen = self.clock()
+
+    async def _answer(self, request: web.Request, entry: HttpSession, message: Any) -> web.StreamResponse:
         headers = {SESSION_HEADER: entry.session.id}
         if not needs_answer(message):
             await entry.session.handle(message)
             return web.Response(status=202, headers=headers)
-        if _wants_progress(message) and _SSE in request.headers.get("Accept", ""):
+        if _wants_progress(message):
             return await self._answer_as_stream(request, entry, message, headers)
         answer = await entry.session.handle(message)
         if answer is None:  # cancelled by the client
             return web.Response(status=202, headers=headers)
-        return web.Response(body=json.dumps(answer).encode(), content_type=_JSON, headers=headers)
+        return web.Response(body=jsonrpc.encode_answer(answer), content_type=JSON, headers=headers)
 
     async def _answer_as_stream(
         self, request: web.Request, entry: HttpSession, message: Any, headers: dict[str, str]
     ) -> web.StreamResponse:
-        response = web.StreamResponse(headers={**headers, "Content-Type": _SSE, "Cache-Control": "no-cache"})
+        response = web.StreamResponse(headers={**headers, "Content-Type": SSE, "Cache-Control": "no-cache"})
         await response.prepare(request)
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         token = request_emit.set(queue.put_nowait)
@@ -234,10 +304,10 @@ class HttpEndpoint:
             if not work.done():
                 # The client went away: a disconnect is not a cancellation (the spec says so),
                 # so the call runs to its end; nobody is left to read its answer.
-                work.add_done_callback(_retrieve)
+                work.add_done_callback(retrieve)
         answer = work.result()
         if answer is not None:
-            await response.write(_sse(answer))
+            await response.write(sse.encode_event(jsonrpc.encode_answer(answer)))
         await response.write_eof()
         return response
 
@@ -250,27 +320,39 @@ class HttpEndpoint:
         found = self._checked_session(request)
         if isinstance(found, web.Response):
             return found
-        if _SSE not in request.headers.get("Accept", ""):
+        if not accepts(request.headers.get("Accept", ""), SSE):
             return web.Response(status=406, text="GET /mcp needs Accept: text/event-stream")
         response = web.StreamResponse(
-            headers={SESSION_HEADER: found.session.id, "Content-Type": _SSE, "Cache-Control": "no-cache"}
+            headers={SESSION_HEADER: found.session.id, "Content-Type": SSE, "Cache-Control": "no-cache"}
         )
         handler = asyncio.current_task()
         assert handler is not None
         found.streams.add(handler)  # before any await: closing the session must find it
+        guarded = self.connections.of(request.transport)
         message: dict[str, Any] | None = None
+        lost = False
         try:
             await response.prepare(request)
-            await response.write(b": fsm-hub notifications\n\n")
+            await response.write(sse.COMMENT)
             while True:
-                message = await found.outbox.get()
+                message = await _next_or_lost(found.outbox, guarded)
+                if message is None:
+                    lost = True
+                    break
                 await response.write(_sse(message))
                 message = None
         except (ConnectionResetError, asyncio.CancelledError):
+            lost = not found.session.closed
             if message is not None and found.session.id in self.sessions:
                 _keep(found.outbox, message)  # not delivered: the next stream gets it
         finally:
             found.streams.discard(handler)
+            found.last_seen = self.clock()
+        if lost and found.ends_with_stream and not found.streams and found.session.id in self.sessions:
+            # A bridge keeps its GET stream open for its whole life: the stream ending means
+            # the bridge process is gone, and so is its session.
+            self.sessions.pop(found.session.id, None)
+            await found.close("bridge disconnected")
         return response
 
     async def _delete(self, request: web.Request) -> web.Response:
@@ -284,9 +366,117 @@ class HttpEndpoint:
     def _new_session(self) -> HttpSession:
         session_id = secrets.token_hex(16)
         outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        entry = HttpSession(Session(self.hub, session_id, functools.partial(_keep, outbox)), outbox)
+        session = Session(self.hub, session_id, functools.partial(_keep, outbox))
+        entry = HttpSession(session, outbox, self.clock())
         self.sessions[session_id] = entry
         return entry
+
+
+def origin_refusal(request: web.Request, bound_host: str, token: str | None) -> web.Response | None:
+    """The refusal for a request from where it must not come (Host, Origin, token), else None."""
+    host_header = request.headers.get("Host", "")
+    host = split_host(host_header)
+    if host is None or (not is_loopback(host) and not _is_own_host(bound_host, host)):
+        return _refuse(
+            error_response(None, INVALID_REQUEST, f"Misdirected request: Host {host_header!r}"), 421
+        )
+    origin = request.headers.get("Origin")
+    if origin is not None and not _loopback_origin(origin):
+        return _refuse(error_response(None, INVALID_REQUEST, f"Forbidden: Origin {origin!r}"), 403)
+    if token is not None:
+        given = request.headers.get("Authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return _refuse(error_response(None, INVALID_REQUEST, "Unauthorized"), 401)
+    return None
+
+
+def _is_own_host(bound_host: str, host: str) -> bool:
+    """When bound to a non-loopback address on purpose, that address is our own Host.
+
+    Bound to a wildcard (0.0.0.0, ::), any IP literal is: DNS rebinding needs a name.
+    """
+    if is_loopback(bound_host):
+        return False
+    bound = ip_literal(bound_host)
+    if bound is not None and bound.is_unspecified:
+        return ip_literal(host) is not None
+    return host == bound_host
+
+
+def mcp_url(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/mcp"
+
+
+async def start_guarded(
+    app: web.Application, host: str, port: int, guard: ConnectionGuard
+) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` at ``host:port`` behind ``guard``; the runner and the port bound."""
+    # Stopping closes every session (cancelling its handlers) before the runner: what is left
+    # is idle keep-alive connections, which must not hold the hub's exit (and with it the log's
+    # lock, which an attached process is waiting to take over) for aiohttp's 60 s.
+    # lingering_time: after refusing a request unread, drain its body for at most a second.
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=0.5, lingering_time=1.0
+    )
+    await runner.setup()
+    await GuardedSite(runner, host, port, guard=guard).start()
+    return runner, port or int(runner.addresses[0][1])
+
+
+class GuardedSite(web.TCPSite):
+    """A TCP site whose connections pass through a `ConnectionGuard`."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, guard: ConnectionGuard) -> None:
+        super().__init__(runner, host, port, reuse_address=True)
+        self._guard = guard
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._guard.factory(server),  # type: ignore[arg-type]
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=True,
+        )
+
+
+async def _next_or_lost(
+    outbox: asyncio.Queue[dict[str, Any]], guarded: Guarded | None
+) -> dict[str, Any] | None:
+    """The next message for a GET stream, or None once its connection is gone."""
+    if guarded is None:
+        return await outbox.get()
+    getter = asyncio.ensure_future(outbox.get())
+    try:
+        await asyncio.wait((getter, guarded.lost), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not getter.done():
+            getter.cancel()
+    if getter.done() and not getter.cancelled():
+        return getter.result()
+    return None
+
+
+def _loopback_origin(origin: str) -> bool:
+    try:
+        return is_loopback(urlsplit(origin).hostname or "")
+    except ValueError:
+        return False
+
+
+def _json(message: dict[str, Any], status: int = 200) -> web.Response:
+    return web.Response(body=jsonrpc.encode_answer(message), content_type=JSON, status=status)
+
+
+def _refuse(message: dict[str, Any], status: int) -> web.Response:
+    """A refusal that also ends the connection: whatever body the client meant to send is never read."""
+    refusal = _json(message, status)
+    refusal.force_close()
+    return refusal
 
 
 def _wants_progress(message: Any) -> bool:
@@ -303,10 +493,5 @@ def _keep(outbox: asyncio.Queue[dict[str, Any]], message: dict[str, Any]) -> Non
     outbox.put_nowait(message)
 
 
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
 def _sse(message: Any) -> bytes:
-    return b"event: message\ndata: " + json.dumps(message).encode() + b"\n\n"
+    return sse.encode_event(jsonrpc.encode_answer(message))

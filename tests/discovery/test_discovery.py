@@ -28,46 +28,15 @@ from fsm_hub.discovery.directory import (
     parse_rfc3339,
     scan,
 )
-
-IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-NOBODY = 65534
-DROP = object()
-"""Pass as a field value to `announce` to leave the field out."""
-
-
-def document(instance_id: str = "abc123", /, **fields: Any) -> dict[str, Any]:
-    """A brummer announcement, as brummer writes it, for a process that is running (us)."""
-    doc: dict[str, Any] = {
-        "id": instance_id,
-        "name": "web",
-        "directory": "/src/web",
-        "port": 7777,
-        "started_at": "2025-06-01T10:00:00.123456789Z",
-        "last_ping": "2025-06-01T10:00:05.5Z",
-        "process_info": {"pid": os.getpid(), "executable": "/usr/local/bin/brummer"},
-    }
-    doc.update(fields)
-    return {key: value for key, value in doc.items() if value is not DROP}
-
-
-def write_atomically(path: Path, content: bytes) -> None:
-    """What brummer does: a hidden temp file in the same directory, then rename."""
-    temp = path.parent / f".tmp-instance-{path.stem}"
-    temp.write_bytes(content)
-    os.replace(temp, path)
-
-
-def announce(folder: Path, instance_id: str = "abc123", /, **fields: Any) -> Path:
-    path = folder / f"{instance_id}.json"
-    write_atomically(path, json.dumps(document(instance_id, **fields)).encode())
-    return path
-
-
-class Warnings(list[str]):
-    """A warn callback that remembers."""
-
-    def __call__(self, message: str) -> None:
-        self.append(message)
+from tests.discovery.announcements import (
+    DROP,
+    IS_ROOT,
+    NOBODY,
+    Warnings,
+    announce,
+    document,
+    write_atomically,
+)
 
 
 class ManualSleep:
@@ -93,13 +62,6 @@ async def take(changes: AsyncGenerator[list[Change], None]) -> list[Change]:
 
 async def next_batch(changes: AsyncGenerator[list[Change], None]) -> list[Change]:
     return await asyncio.wait_for(take(changes), 5)
-
-
-@pytest.fixture
-def instances(tmp_path: Path) -> Path:
-    directory = tmp_path / "instances"
-    directory.mkdir(mode=0o700)
-    return directory
 
 
 @pytest.fixture
@@ -616,12 +578,15 @@ async def test_the_watcher_reports_an_atomic_write_without_a_poll(instances: Pat
 
 async def test_cancelling_the_consumer_stops_everything(instances: Path) -> None:
     batches: list[list[Change]] = []
+    first = asyncio.Event()
 
     async def consume() -> None:
         async for batch in Discovery(instances, warn=Warnings(), sleep=sleep_forever).changes():
             batches.append(batch)
+            first.set()
 
     consumer = asyncio.create_task(consume())
+    await asyncio.wait_for(first.wait(), 5)  # the first look runs in a thread
     for _ in range(20):
         await asyncio.sleep(0)
     assert batches == [[]]

@@ -29,6 +29,7 @@ class RawHub:
             FSM_HUB, "serve", "--mcp", "--db", str(lab.db), "--instances-dir", str(lab.instances_dir),
             "--ping-interval", "0.2", *extra,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            limit=64 * 1024 * 1024,  # answers of several MB are one line each
         )  # fmt: skip
         return cls(process)
 
@@ -166,10 +167,13 @@ async def test_server_discover_before_initialize_then_fallback(raw: RawHub) -> N
     ],
 )
 async def test_bad_params_are_32602(raw: RawHub, method: str, params: dict[str, Any]) -> None:
+    if method != "initialize":
+        await raw.initialize()
     assert error_code(await raw.request(4, method, params)) == -32602
 
 
 async def test_params_that_are_not_an_object_are_32602(raw: RawHub) -> None:
+    await raw.initialize()
     raw.send({"jsonrpc": "2.0", "id": 5, "method": "tools/list", "params": [1]})
     assert error_code(await raw.answer(5)) == -32602
 

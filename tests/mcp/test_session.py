@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from fsm_hub.mcp.session import PAGE_SIZE, PROTOCOL_VERSIONS, Session, request_emit
+from fsm_hub.mcp.protocol import PROTOCOL_VERSIONS
+from fsm_hub.mcp.session import PAGE_SIZE, Session, request_emit
 from fsm_hub.mcp.tool_names import VALID_NAME
 from tests.live_hub import LiveHub, until
 from tests.servers.faults import PRELUDE, FakeMcp

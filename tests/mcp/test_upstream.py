@@ -13,7 +13,9 @@ import aiohttp
 import pytest
 
 from fsm_hub.errors import McpError, SessionExpired, TransportError
-from fsm_hub.mcp.upstream import PROTOCOL_VERSION, McpClient, SseDecoder
+from fsm_hub.mcp.protocol import LATEST as PROTOCOL_VERSION
+from fsm_hub.mcp.sse import SseDecoder
+from fsm_hub.mcp.upstream import McpClient
 from tests.servers.faults import PRELUDE, FakeMcp, refused_url
 from tests.servers.launch import SdkServerFactory
 

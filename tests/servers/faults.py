@@ -74,6 +74,10 @@ class FakeMcp:
     get_stream: bool = False
     """Offer the standalone GET stream (405 otherwise); feed it with ``push``."""
     delete_hangs: bool = False
+    raw_results: dict[str, str] = field(default_factory=dict)
+    """Tool name → the raw JSON text its tools/call result is written as (NaN, 1e999, deep nesting)."""
+    keep_open: bool = False
+    """SSE streams stay open after the response (a leak the client must not share)."""
     storm: bool = False
     """The GET stream sends tools/resources/prompts list_changed in a tight loop, forever."""
     tool_entries: Sequence[Any] | None = None
@@ -146,6 +150,11 @@ class FakeMcp:
             if self.brummer and method == "notifications/initialized":
                 return web.json_response(_error(None, -32601, f"method {method} not found"))
             return web.Response(status=202)
+        params = message.get("params") or {}
+        raw = self.raw_results.get(params.get("name")) if message["method"] == "tools/call" else None
+        if raw is not None:
+            text = '{"jsonrpc":"2.0","id":' + json.dumps(message["id"]) + ',"result":' + raw + "}"
+            return await self._answer(request, text)
         return await self._answer(request, _respond(message["id"], self._dispatch(message)))
 
     def _initialize(self, message: dict[str, Any]) -> web.Response:
@@ -208,9 +217,10 @@ class FakeMcp:
             return "result", {"ok": True, "echo": arguments}
         return "result", {"content": [{"type": "text", "text": json.dumps(arguments)}], "isError": False}
 
-    async def _answer(self, request: web.Request, response: dict[str, Any]) -> web.StreamResponse:
+    async def _answer(self, request: web.Request, response: dict[str, Any] | str) -> web.StreamResponse:
+        body = response if isinstance(response, str) else json.dumps(response)
         if not self.sse:
-            return web.json_response(response)
+            return web.Response(text=body, content_type="application/json")
         stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await stream.prepare(request)
         for text in self.prelude:
@@ -222,7 +232,9 @@ class FakeMcp:
             return stream
         if self.cut != "eof":
             end = self.line_end
-            await stream.write(f"event: message{end}data: {json.dumps(response)}{end}{end}".encode())
+            await stream.write(f"event: message{end}data: {body}{end}{end}".encode())
+        if self.keep_open:
+            await self._stopping.wait()
         await stream.write_eof()
         return stream
 

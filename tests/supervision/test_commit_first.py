@@ -152,7 +152,7 @@ async def test_serve_stops_with_one_line_when_the_log_stays_unwritable(
     refuse_transitions_to(db, "active")
     hub = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).with_name("fsm-hub")),
-        "serve", "--db", str(db), "--instances-dir", str(instances),
+        "serve", "--quiet", "--db", str(db), "--instances-dir", str(instances),  # no banner
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:

@@ -197,12 +197,12 @@ async def test_instances_come_up_and_a_killed_one_dies_then_returns_on_a_new_por
     assert await transitions(running.store, "web") == [*CONNECT, ("remove", "active", "dead")]
     assert (await transition_data(running.store, "web"))[-1]["reason"] == gone
     history = cli("history", "web", "--db", lab.db)
-    assert [line.split()[1:5] for line in history.splitlines()[2:]] == [
+    assert [line.split(")  ", 1)[1].split()[:4] for line in history.splitlines()[2:]] == [
         ["connect", "discovered", "→", "connecting"],
         ["connected", "connecting", "→", "active"],
         ["remove", "active", "→", "dead"],
     ]
-    assert f"{gone}: {gone}" in history.splitlines()[-1]
+    assert history.splitlines()[-1].endswith(f"active → dead            {gone}")  # said once
     assert running.hub.view.instances["web"].last_error == gone
     assert (running.hub.state("api"), running.hub.state("db")) == ("active", "active")
 
@@ -396,6 +396,23 @@ async def test_stop_leaves_no_task_socket_or_session(
         running.stopped = True
     finally:
         await hang.stop()
+
+
+async def test_instance_updated_records_only_what_changed_and_the_fold_keeps_the_rest(
+    lab: Lab, start_hub: Callable[..., Awaitable[Running]], fake_mcp: FakeFactory
+) -> None:
+    fake = await fake_mcp()
+    lab.announce("api", port_of(fake.url), name="api")
+    running = await start_hub()
+    await running.settle(api="active")
+    lab.announce("api", port_of(fake.url), name="renamed")  # same port, pid and url: no reconnect
+    running.poll.tick()
+    await eventually(lambda: any(e.type == "instance_updated" for e in running.committed.events))
+    [updated] = [e for e in running.committed.events if e.type == "instance_updated"]
+    assert updated.data == {"name": "renamed"}
+    instance = running.hub.view.instances["api"]
+    assert (instance.name, instance.port, instance.directory, instance.state) == (
+        "renamed", port_of(fake.url), str(lab.root), "active")
 
 
 async def test_a_failed_supervisor_is_recorded_and_restarted_from_the_fold(

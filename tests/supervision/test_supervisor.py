@@ -24,7 +24,8 @@ from freezegun import freeze_time
 from fsm_hub.core.events import EventType, format_time
 from fsm_hub.core.view import fold
 from fsm_hub.errors import InstanceUnavailable, TransportError
-from fsm_hub.mcp.upstream import PROTOCOL_VERSION, McpClient
+from fsm_hub.mcp.protocol import LATEST as PROTOCOL_VERSION
+from fsm_hub.mcp.upstream import McpClient
 from fsm_hub.store.recorder import recorded_machine
 from fsm_hub.store.sqlite import EventStore
 from fsm_hub.supervision.supervisor import (

@@ -50,8 +50,11 @@ class Endpoints:
         self.http = http
         self.started: list[HttpEndpoint] = []
 
-    async def start(self, host: str = "127.0.0.1", token: str | None = None) -> HttpEndpoint:
-        endpoint = HttpEndpoint(self.live.hub, host, 0, token=token)
+    async def start(
+        self, host: str = "127.0.0.1", token: str | None = None, **options: Any
+    ) -> HttpEndpoint:
+        """An endpoint on the live hub; ``options`` go to HttpEndpoint (``limits``, ``clock``)."""
+        endpoint = HttpEndpoint(self.live.hub, host, 0, token=token, **options)
         await endpoint.start()
         self.started.append(endpoint)
         return endpoint
@@ -124,17 +127,26 @@ async def test_the_private_endpoint_wants_its_token(endpoints: Endpoints) -> Non
             assert response.status == status
 
 
-def test_host_parsing() -> None:
-    assert [split_host(h) for h in ("a:1", "[::1]:80", "[::1]", "::1", "b")] == [
+def test_host_parsing_is_strict() -> None:
+    assert [split_host(h) for h in ("a:1", "[::1]:80", "[::1]", "b", "127.0.0.1:8080")] == [
         "a",
         "::1",
         "::1",
-        "::1",
         "b",
+        "127.0.0.1",
     ]
+    # Not a Host at all: an unbracketed IPv6, userinfo, a path, a bad port, nothing.
+    for bad in ("::1", "127.0.0.1:80@evil.example", "127.0.0.1/x", "a:99999", "a:", "", "[::1", "[zz]:1"):
+        assert split_host(bad) is None, bad
     assert [is_loopback(h) for h in ("localhost", "127.0.0.2", "::1", "[::1]", "10.0.0.1", "")] == [
         True, True, True, True, False, False,
     ]  # fmt: skip
+
+
+def test_one_loopback_check_for_mapped_addresses() -> None:
+    """The transport and discovery used to disagree on IPv4-mapped loopback; now one check."""
+    assert is_loopback("::ffff:127.0.0.1") and is_loopback("[::ffff:127.0.0.1]")
+    assert not is_loopback("::ffff:10.0.0.1") and not is_loopback("0.0.0.0") and not is_loopback("::")
 
 
 async def test_session_lifecycle(endpoints: Endpoints, fake_mcp: FakeFactory) -> None:

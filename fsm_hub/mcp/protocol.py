@@ -1,0 +1,119 @@
+"""MCP itself, apart from JSON-RPC: versions, HTTP headers, capabilities, result shapes, loopback.
+
+Both directions use this one module: the client towards instances (`mcp.upstream`), the
+downstream sessions (`mcp.session`), the transports and the bridge.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from typing import Any, Final
+
+from fsm_hub import __version__
+from fsm_hub.discovery.directory import is_loopback_host
+
+PROTOCOL_VERSIONS: Final = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+"""Versions we speak, newest first; the wire format we use is the same for all of them."""
+LATEST: Final = PROTOCOL_VERSIONS[0]
+"""The version we offer in ``initialize`` and answer a client asking for one we don't know."""
+
+SESSION_HEADER: Final = "Mcp-Session-Id"
+VERSION_HEADER: Final = "MCP-Protocol-Version"
+JSON: Final = "application/json"
+SSE: Final = "text/event-stream"
+POST_HEADERS: Final = {"Accept": f"{JSON}, {SSE}", "Content-Type": JSON}
+"""What a client sends with every POST."""
+
+SERVER_INFO: Final = {"name": "fsm-hub", "title": "fsm-hub", "version": __version__}
+CLIENT_INFO: Final = {"name": "fsm-hub", "version": __version__}
+SERVER_CAPABILITIES: Final = {
+    "tools": {"listChanged": True},
+    "resources": {"listChanged": True},
+    "prompts": {"listChanged": True},
+}
+
+REQUESTS_BEFORE_INITIALIZE: Final = frozenset({"initialize", "ping"})
+"""The only requests a session answers before ``initialize`` (the spec allows ping at any time)."""
+
+
+def negotiate(requested: str) -> str:
+    """The version a server answers a client's ``initialize`` with."""
+    return requested if requested in PROTOCOL_VERSIONS else LATEST
+
+
+def as_call_tool_result(result: Any) -> dict[str, Any]:
+    """A CallToolResult unchanged; a raw result (no content list, as brummer sends) wrapped as text."""
+    if isinstance(result, dict) and isinstance(result.get("content"), list):
+        return result
+    wrapped: dict[str, Any] = {
+        "content": [{"type": "text", "text": json.dumps(result, allow_nan=False)}],
+        "isError": False,
+    }
+    if isinstance(result, dict):
+        wrapped["structuredContent"] = result
+    return wrapped
+
+
+# -- where a request comes from ---------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address, bracketed or not, IPv4-mapped included.
+
+    ``0.0.0.0`` and ``::`` are not: they mean "all interfaces". The address test itself is
+    discovery's (an earlier layer, which checks instance URLs with it): one check, two users.
+    """
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return is_loopback_host(host)
+
+
+_HOST = re.compile(
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?))"
+    r"(?::(?P<port>[0-9]{1,5}))?"
+)
+
+
+def split_host(value: str) -> str | None:
+    """The host of a ``Host`` header value (``[::1]:8080`` → ``::1``); None if it is not one.
+
+    Strict: a name or IPv4 address, or a bracketed IPv6 address, then an optional port, and
+    nothing else — ``127.0.0.1:80@evil.example`` is not a host.
+    """
+    match = _HOST.fullmatch(value.strip())
+    if match is None:
+        return None
+    port = match.group("port")
+    if port is not None and int(port) > 65535:
+        return None
+    ipv6 = match.group("ipv6")
+    if ipv6 is not None:
+        try:
+            ipaddress.IPv6Address(ipv6)
+        except ValueError:
+            return None
+        return ipv6
+    return match.group("name")
+
+
+def ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def accepts(accept: str, media_type: str) -> bool:
+    """Whether an ``Accept`` header value admits ``media_type`` (wildcards count)."""
+    kind = media_type.split("/")[0]
+    for item in accept.split(","):
+        name, _, params = item.strip().partition(";")
+        name = name.strip().lower()
+        if "q=0" in params.replace(" ", "") and not re.search(r"q=0\.\d*[1-9]", params):
+            continue
+        if name in (media_type, f"{kind}/*", "*/*"):
+            return True
+    return False

@@ -1,0 +1,1 @@
+"""What a person sees: tables, the diagram, status, the live tail, the timeline, announcements."""
