@@ -14,7 +14,7 @@ socket takes them ("storm"; "quiet" offers the same stream and sends nothing). M
 
 --tree runs the hub from another source tree (e.g. an export of an older commit) for a ratio:
 
-    git archive <rev> fsm_hub | tar -x -C /tmp/before
+    git archive <rev> fsm_hub migrations | tar -x -C /tmp/before
     python tools/bench_storm.py [--runs 3] [--window 20] [--tree /tmp/before]
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -127,7 +128,8 @@ async def one_run(storm: bool, tree: Path, window: float, detect_cap: float) -> 
         row["healthy_ok"] = await transitions(db, tree, HEALTHY) == ["connect", "connected"]
         return row
     finally:
-        hub.terminate()
+        with contextlib.suppress(ProcessLookupError):  # it may have died: the row says so
+            hub.terminate()
         try:
             await asyncio.wait_for(hub.wait(), 10)
         except TimeoutError:
