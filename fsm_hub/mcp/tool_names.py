@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fsm_hub.mcp.protocol import usable_tools
+
 VALID_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _INVALID = re.compile(r"[^a-zA-Z0-9_-]")
 MAX_LENGTH = 64
@@ -25,45 +27,6 @@ class NamedTools:
     """The instance's tools as listed to the client (renamed where needed)."""
     originals: dict[str, str] = field(default_factory=dict)
     """Alias → the instance's own name, for the renamed ones only."""
-
-
-def usable_tools(tools: Iterable[Any]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The entries of an instance's tool list a client can use, and why each other one is not."""
-    usable: list[dict[str, Any]] = []
-    dropped: list[str] = []
-    for index, tool in enumerate(tools):
-        problem = _unusable(tool)
-        if problem is None:
-            usable.append(tool)
-        else:
-            dropped.append(f"entry {index}: {problem}")
-    return usable, dropped
-
-
-def _unusable(tool: Any) -> str | None:
-    if not isinstance(tool, dict):
-        return f"not an object but {_json_type(tool)}"
-    if "name" not in tool:
-        return "no name"
-    if not isinstance(tool["name"], str):
-        return f"a name that is {_json_type(tool['name'])}, not a string"
-    if not isinstance(tool.get("inputSchema"), dict):
-        return f"tool {tool['name'][:MAX_LENGTH]!r} has no inputSchema object"
-    return None
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
 
 
 def safe_name(name: str, taken: set[str]) -> str:

@@ -17,8 +17,8 @@ from typing import Any, Protocol, TypeVar
 
 from fsm_hub.core.machine import InstanceMachine
 from fsm_hub.errors import InstanceUnavailable, LogUnwritable, StoreError, TransportError
-from fsm_hub.mcp.protocol import as_call_tool_result
-from fsm_hub.mcp.tool_names import usable_tools
+from fsm_hub.mcp.protocol import as_call_tool_result, usable_tools
+from fsm_hub.mcp.upstream import McpClient
 from fsm_hub.store.recorder import fire
 
 log = logging.getLogger(__name__)
@@ -390,31 +390,23 @@ class Supervisor:
 
     # -- list changes: coalesced, beside the loop ------------------------------------------
 
-    def _changed_lists(self, *, tools: bool) -> asyncio.Future[None] | None:
+    def _changed_lists(self, *, tools: bool) -> None:
         """The instance said a list changed: start the one refresh, or fold this into its next round.
 
         The refresh runs in a child task so that pings, Remove and Rediscover never wait behind
-        it, and a storm of announcements costs one flag, not one queued command each. Past
-        FOLD_LIMIT folded changes the answer is a future the GET stream's reader awaits (the
-        upstream client awaits what a receiver returns): it stops reading until the next round,
-        and TCP slows the instance down.
+        it, and a storm of announcements costs one flag, not one queued command each.
         """
         if self._client is None or self.state != "active":
-            return None  # stale: the next handshake lists the tools anyway
+            return  # stale: the next handshake lists the tools anyway
         if self._refresh is not None:
             self._refresh_tools_pending |= tools
             self._lists_pending = True
             self._folded += 1
-            if self._folded <= FOLD_LIMIT:
-                return None
-            if self._next_round is None:
-                self._next_round = asyncio.get_running_loop().create_future()
-            return self._next_round
+            return
         self._refresh = asyncio.create_task(
             self._refreshing(self._client, tools), name=f"refresh-{self.instance_id}"
         )
         self._refresh.add_done_callback(self._refresh_done)
-        return None
 
     async def _refreshing(self, client: InstanceClient, tools: bool) -> None:
         while True:
@@ -537,15 +529,34 @@ class Supervisor:
             task.uncancel()
         return result
 
-    def _notice(self, message: dict[str, Any]) -> asyncio.Future[None] | None:
+    def _notice(self, message: dict[str, Any]) -> None:
         method = message.get("method")
         if method in LISTS_CHANGED:
-            return self._changed_lists(tools=method == TOOLS_CHANGED)
-        return None
+            self._changed_lists(tools=method == TOOLS_CHANGED)
+
+    def _heard(self, message: dict[str, Any]) -> asyncio.Future[None] | None:
+        """`_notice` for a stream of notifications only (HTTP's GET stream), which may be paused.
+
+        Past FOLD_LIMIT folded changes the answer is a future the stream's reader awaits (the
+        upstream client awaits what a receiver returns): it stops reading until the next refresh
+        round, and TCP slows the instance down instead of the hub parsing every announcement.
+        """
+        self._notice(message)
+        if self._folded <= FOLD_LIMIT:
+            return None
+        if self._next_round is None:
+            self._next_round = asyncio.get_running_loop().create_future()
+        return self._next_round
 
     def _listen(self, client: InstanceClient) -> None:
-        """Follow the instance's GET stream (if it offers one) for list_changed."""
-        self._listener = client.listen(self._notice)
+        """Follow the instance's notifications for list changes.
+
+        Over HTTP that is the GET stream, which nothing else shares: it may be paused in a storm.
+        A stdio instance's notifications share one pipe with the answers (pings, tools/list), so
+        its reader is never paused there; its storms are still coalesced.
+        """
+        receiver = self._heard if isinstance(client, McpClient) else self._notice
+        self._listener = client.listen(receiver)
         self._listener.add_done_callback(_retrieve)
 
     async def _stop_listening(self) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fsm_hub.mcp.tool_names import VALID_NAME, name_tools, safe_name, usable_tools
+from fsm_hub.mcp.protocol import usable_tools
+from fsm_hub.mcp.tool_names import VALID_NAME, name_tools, safe_name
 
 S = {"type": "object"}
 
