@@ -172,7 +172,9 @@ async def main() -> None:
     for (tree, case), rows in results.items():
         cpu[(tree, case)] = statistics.median(r["cpu"] for r in rows)
         detected = median(rows, "detected")
-        said = f"{detected:.2f} s" if detected is not None else f"> {args.detect_cap:g} s (some)"
+        missed = sum(r["detected"] is None for r in rows)
+        capped = f"> {args.detect_cap:g} s ({missed}/{len(rows)})"
+        said = f"{detected:.2f} s" if detected is not None else capped
         print(
             f"{Path(tree).name:<28} {case:<6} {100 * cpu[(tree, case)]:>7.1f} "
             f"{statistics.median(r['rss_growth'] for r in rows):>8.1f} "
