@@ -169,14 +169,22 @@ async def test_a_call_that_adds_a_tool_refreshes_the_cached_list(
     assert await transitions(store, ID) == CONNECT
 
 
-async def test_list_changed_on_the_get_stream_refreshes_the_cached_list(
-    fake_mcp: FakeFactory, supervise: Supervise, clock: ManualClock, store: EventStore
-) -> None:
+async def watched(
+    fake_mcp: FakeFactory, supervise: Supervise, clock: ManualClock
+) -> tuple[FakeMcp, Supervisor, list[str]]:
+    """An active supervisor of a fake with a GET stream, and the states it told listeners since."""
     fake = await fake_mcp(get_stream=True)
     changes: list[str] = []
     supervisor = await supervise(fake.url, on_change=lambda s: changes.append(s.state))
     await active(clock)
     changes.clear()
+    return fake, supervisor, changes
+
+
+async def test_list_changed_on_the_get_stream_refreshes_the_cached_list(
+    fake_mcp: FakeFactory, supervise: Supervise, clock: ManualClock, store: EventStore
+) -> None:
+    fake, supervisor, changes = await watched(fake_mcp, supervise, clock)
 
     fake.tool_pages = (("echo", "later"),)
     fake.push({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
@@ -654,11 +662,7 @@ async def test_remove_during_a_storm_is_taken_at_once(
 async def test_changes_before_a_refresh_starts_are_all_in_it(
     fake_mcp: FakeFactory, supervise: Supervise, clock: ManualClock, store: EventStore
 ) -> None:
-    fake = await fake_mcp(get_stream=True)
-    changes: list[str] = []
-    supervisor = await supervise(fake.url, on_change=lambda s: changes.append(s.state))
-    await active(clock)
-    changes.clear()
+    fake, supervisor, changes = await watched(fake_mcp, supervise, clock)
 
     for _ in range(500):  # all before the refresh asks: its answer covers every one of them
         supervisor.send(RefreshTools())
@@ -675,11 +679,7 @@ async def test_changes_before_a_refresh_starts_are_all_in_it(
 async def test_resource_and_prompt_changes_tell_the_sessions_without_refetching_tools(
     fake_mcp: FakeFactory, supervise: Supervise, clock: ManualClock
 ) -> None:
-    fake = await fake_mcp(get_stream=True)
-    changes: list[str] = []
-    supervisor = await supervise(fake.url, on_change=lambda s: changes.append(s.state))
-    await active(clock)
-    changes.clear()
+    fake, supervisor, changes = await watched(fake_mcp, supervise, clock)
     tools = supervisor.tools
 
     fake.push({"jsonrpc": "2.0", "method": "notifications/resources/list_changed"})
