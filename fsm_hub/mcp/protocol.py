@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from collections.abc import Iterable
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -67,6 +68,49 @@ def as_call_tool_result(result: Any) -> dict[str, Any]:
 
 
 # -- where a request comes from ---------------------------------------------------------------
+
+
+def usable_tools(tools: Iterable[Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The entries of an instance's tool list a client can use, and why each other one is not.
+
+    Not an object, no string `name`, no object `inputSchema`: the SDK clients refuse a whole
+    tools/list result for any one such entry, so the hub never passes one on.
+    """
+    usable: list[dict[str, Any]] = []
+    dropped: list[str] = []
+    for index, tool in enumerate(tools):
+        problem = _unusable(tool)
+        if problem is None:
+            usable.append(tool)
+        else:
+            dropped.append(f"entry {index}: {problem}")
+    return usable, dropped
+
+
+def _unusable(tool: Any) -> str | None:
+    if not isinstance(tool, dict):
+        return f"not an object but {_json_type(tool)}"
+    if "name" not in tool:
+        return "no name"
+    if not isinstance(tool["name"], str):
+        return f"a name that is {_json_type(tool['name'])}, not a string"
+    if not isinstance(tool.get("inputSchema"), dict):
+        return f"tool {tool['name'][:64]!r} has no inputSchema object"
+    return None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
 
 
 def is_loopback(host: str) -> bool:
