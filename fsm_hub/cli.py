@@ -650,6 +650,14 @@ def serve(
     log_level: Annotated[
         LogLevel, typer.Option("--log-level", help="Least severe stderr log messages shown.")
     ] = LogLevel.warning,
+    instance: Annotated[
+        str | None,
+        typer.Option(
+            "--instance",
+            metavar="ID_OR_NAME",
+            help="With --mcp: serve that one instance's own MCP (its tools unprefixed, no hub tools).",
+        ),
+    ] = None,
     db: DbOption = None,
 ) -> None:
     """Run the hub: discover instances, supervise their connections, serve MCP."""
@@ -664,6 +672,10 @@ def serve(
 
     logging.basicConfig(stream=sys.stderr, level=log_level.value.upper(), format="%(message)s")
     logging.getLogger("fsm_hub.banner").setLevel(logging.CRITICAL + 1 if quiet else logging.INFO)
+    if instance is not None and not mcp:
+        raise fail("--instance needs --mcp (over HTTP, use /instances/<id or name>/mcp)")
+    if instance is not None and not instance.strip():
+        raise fail("--instance needs an instance id or name")
     timing = Timing(
         ping_interval=_positive("--ping-interval", ping_interval),
         ping_timeout=_positive("--ping-timeout", ping_timeout),
@@ -682,6 +694,7 @@ def serve(
         allow_remote=allow_remote,
         timing=timing,
         limits=HttpLimits(session_idle=_positive("--session-idle", session_idle), max_sessions=max_sessions),
+        instance=instance,
     )
     code = run(lambda: asyncio.run(run_hub(options)))
     raise typer.Exit(code)

@@ -490,3 +490,10 @@ def test_relative_times(seconds: int, text: str) -> None:
     from datetime import timedelta
 
     assert tables.ago(timedelta(seconds=seconds)) == text
+
+
+def test_serve_instance_needs_mcp() -> None:
+    result = invoke("serve", "--instance", "api")
+    assert result.exit_code == 1
+    expected = "fsm-hub: --instance needs --mcp (over HTTP, use /instances/<id or name>/mcp)"
+    assert result.stderr.strip() == expected

@@ -58,6 +58,8 @@ class ServeOptions:
     timing: Timing = DEFAULT_TIMING
     limits: HttpLimits = DEFAULT_LIMITS
     """Session expiry, session and connection caps of both HTTP endpoints."""
+    instance: str | None = None
+    """`--instance`: the stdio client gets that one instance's own MCP (a per-instance endpoint)."""
 
 
 class OwnedHub:
@@ -131,7 +133,7 @@ async def serve(options: ServeOptions) -> int:
             await stop.wait()
             await owned.stop("log unwritable" if hub.failure else "signal")
             return _exit_code(hub)
-        code = await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop)
+        code = await _serve_stdio(channel, owned, _stdio_session(hub, channel, options), stop)
         return _exit_code(hub) or code
     relay: HttpRelay | None = None
     if options.http is not None:
@@ -272,7 +274,8 @@ async def _attach(
         task.add_done_callback(_failover_done)
         task.add_done_callback(tasks.discard)
 
-    bridge = Bridge(channel, owner, on_lost=owner_lost, call_timeout=options.timing.call_timeout)
+    timeout = options.timing.call_timeout
+    bridge = Bridge(channel, owner, on_lost=owner_lost, call_timeout=timeout, instance=options.instance)
 
     async def failover(failed: Owner) -> None:
         nonlocal owned
@@ -289,7 +292,7 @@ async def _attach(
                     if ownership.try_acquire():
                         owned = OwnedHub(options, ownership)
                         hub = await owned.start(settle=options.timing.connect_timeout)
-                        session = Session(hub, secrets.token_hex(16), channel.write)
+                        session = _stdio_session(hub, channel, options)
                         # Bound again before any new message reaches the session: until then they
                         # queue on this lock (their relay fails, they ask for a failover).
                         await bridge.reattach(session.handle)
@@ -390,6 +393,11 @@ async def _wait_for_owner(ownership: Ownership) -> Owner | None:
     return ownership.read()
 
 
+def _stdio_session(hub: Hub, channel: StdioChannel, options: ServeOptions) -> Session:
+    """The in-process session of the stdio client: the hub's, or one instance's with --instance."""
+    return Session(hub, secrets.token_hex(16), channel.write, instance=options.instance)
+
+
 async def _take_over_or_fail(
     channel: StdioChannel,
     options: ServeOptions,
@@ -403,7 +411,7 @@ async def _take_over_or_fail(
     hub = await owned.start()
     banner.owner(options, owned)
     hub.on_failure(lambda _: stop.set())
-    code = await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop, tasks)
+    code = await _serve_stdio(channel, owned, _stdio_session(hub, channel, options), stop, tasks)
     return _exit_code(hub) or code
 
 

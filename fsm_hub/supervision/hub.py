@@ -37,8 +37,10 @@ from fsm_hub.store.snapshots import SNAPSHOT_EVERY
 from fsm_hub.store.sqlite import EventStore
 from fsm_hub.supervision.supervisor import (
     DEFAULT_TIMING,
+    CheckNow,
     Connector,
     Rediscover,
+    RefreshTools,
     Remove,
     Sleep,
     Supervisor,
@@ -502,7 +504,68 @@ class Hub:
         instance = self.instance(instance_id)
         supervisor = self._supervisors.get(instance_id)
         last_error = supervisor.last_error if supervisor else (instance.last_error if instance else None)
-        return InstanceUnavailable(instance_id, self.state(instance_id), last_error)
+        if supervisor is not None:
+            attempt = int(supervisor.machine.model.attempt)
+        else:
+            attempt = instance.retry_count if instance else 0
+        return InstanceUnavailable(instance_id, self.state(instance_id), last_error, attempt)
+
+    # -- per-client upstream sessions (mcp.client_upstream) ---------------------------------
+
+    def client_for(
+        self,
+        instance_id: str,
+        *,
+        capabilities: dict[str, Any],
+        client_info: dict[str, Any],
+        on_message: Callable[[dict[str, Any]], Any],
+    ) -> Any:
+        """A new, unopened client of the instance's current URL for one downstream client.
+
+        The supervisor's own client stays its own (health, tool cache). A stdio instance would
+        return its stdio client here, with the same interface.
+        """
+        supervisor = self._supervisors.get(instance_id)
+        if supervisor is None or supervisor.state != "active":
+            raise self.unavailable(instance_id)
+        from fsm_hub.mcp.upstream import McpClient
+
+        return McpClient(
+            supervisor.url,
+            session=self._http,
+            timeout=self.timing.call_timeout,
+            client_info=client_info,
+            capabilities=capabilities,
+            on_message=on_message,
+        )
+
+    def handshake(self, instance_id: str) -> dict[str, Any]:
+        """What the instance said in the supervisor's handshake: capabilities, serverInfo, instructions."""
+        supervisor = self._supervisors.get(instance_id)
+        client = supervisor.client if supervisor is not None else None
+        if client is None:
+            return {}
+        return {
+            "capabilities": getattr(client, "capabilities", {}),
+            "serverInfo": getattr(client, "server_info", {}),
+            "instructions": getattr(client, "instructions", None),
+        }
+
+    def sleep(self, seconds: float) -> Any:
+        """The injected sleeper, for timers of the layers above (GET stream backoff)."""
+        return self._sleep(seconds)
+
+    def instance_failed(self, instance_id: str) -> None:
+        """A client's own session hit a transport error: have the supervisor ping now."""
+        supervisor = self._supervisors.get(instance_id)
+        if supervisor is not None and supervisor.running:
+            supervisor.send(CheckNow())
+
+    def instance_tools_changed(self, instance_id: str) -> None:
+        """A client's own session saw tools/list_changed: refresh the shared tool cache."""
+        supervisor = self._supervisors.get(instance_id)
+        if supervisor is not None and supervisor.running:
+            supervisor.send(RefreshTools())
 
     async def request(
         self,
