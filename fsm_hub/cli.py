@@ -132,7 +132,7 @@ def instances(
             return
         typer.echo(
             table(
-                ("ID", "NAME", "STATE", "SINCE", "PORT", "RETRIES", "LAST ERROR"),
+                ("ID", "NAME", "KIND", "STATE", "SINCE", "PORT", "RETRIES", "LAST ERROR"),
                 [_instance_row(i) for i in listed],
             )
         )
@@ -144,6 +144,7 @@ def _instance_row(instance: InstanceView) -> tuple[str, ...]:
     return (
         instance.id,
         instance.name,
+        instance.kind,
         instance.state,
         instance.since,
         str(instance.port or ""),
@@ -241,6 +242,15 @@ def serve(
     allow_remote: Annotated[
         bool, typer.Option("--allow-remote", help="Accept instance URLs on non-loopback hosts.")
     ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Configured servers, an mcpServers file (default: $FSM_HUB_CONFIG, else "
+            "$XDG_CONFIG_HOME/fsm-hub/servers.json, else ~/.config/fsm-hub/servers.json).",
+            show_default=False,
+        ),
+    ] = None,
     ping_interval: Annotated[float, typer.Option(help="Seconds between health pings.")] = 5.0,
     ping_timeout: Annotated[float, typer.Option(help="Seconds a ping may take.")] = 2.0,
     ping_misses: Annotated[int, typer.Option(min=1, help="Missed pings in a row that mean lost.")] = 3,
@@ -256,6 +266,7 @@ def serve(
     import asyncio
     import logging
 
+    from fsm_hub.discovery.config import default_config_path
     from fsm_hub.discovery.directory import default_instances_dir
     from fsm_hub.serve.process import ServeOptions
     from fsm_hub.serve.process import serve as run_hub
@@ -278,6 +289,7 @@ def serve(
         http=parse_listen(http) if http else None,
         allow_remote=allow_remote,
         timing=timing,
+        config=config if config is not None else default_config_path(),
     )
     code = run(lambda: asyncio.run(run_hub(options)))
     raise typer.Exit(code)

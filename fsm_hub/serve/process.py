@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fsm_hub.discovery.config import ConfiguredServers
 from fsm_hub.discovery.directory import Discovery, process_is_running
 from fsm_hub.errors import FsmHubError
 from fsm_hub.mcp.session import INTERNAL_ERROR, Session, error_response, parse_error
@@ -40,6 +41,8 @@ class ServeOptions:
     http: tuple[str, int] | None = None
     allow_remote: bool = False
     timing: Timing = DEFAULT_TIMING
+    config: Path | None = None
+    """The configured servers' file (None: no configured servers)."""
 
 
 class OwnedHub:
@@ -59,7 +62,8 @@ class OwnedHub:
         options = self.options
         self.store = await EventStore.open(options.db)
         discovery = Discovery(options.instances_dir, allow_remote=options.allow_remote)
-        self.hub = Hub(self.store, discovery, timing=options.timing)
+        configured = ConfiguredServers(options.config) if options.config is not None else None
+        self.hub = Hub(self.store, discovery, timing=options.timing, configured=configured)
         try:
             await self.hub.start()
             if settle:
