@@ -182,7 +182,7 @@ def test_instances_on_a_missing_log_is_empty_and_creates_nothing(tmp_path: Path)
     missing = tmp_path / "deep" / "none.db"
     result = invoke("instances", "--db", str(missing))
     assert (result.exit_code, result.stdout.splitlines()) == (
-        0, ["ID  NAME  STATE  SINCE  PORT  RETRIES  LAST ERROR"])
+        0, ["ID  NAME  KIND  STATE  SINCE  PORT  RETRIES  LAST ERROR"])
     assert not missing.parent.exists()
 
 
