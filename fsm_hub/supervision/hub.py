@@ -56,6 +56,10 @@ from fsm_hub.supervision.supervisor import (
 
 log = logging.getLogger(__name__)
 
+STOP_GRACE = 1.0
+"""Seconds a stopping stdio server gets after stdin closes, then after SIGTERM, before SIGKILL:
+short enough that the hub's own stop (a client gives it a few seconds) ends every child."""
+
 DEFAULT_START_LIMIT = max(4, 2 * (os.cpu_count() or 1))
 """Configured stdio servers starting (spawn + handshake) at once; the others wait for a slot
 before their connect timeout starts. Measured in tools/bench_stdio.py: see the README."""
@@ -397,6 +401,7 @@ class Hub:
             cwd=spec.cwd,
             name=spec.name,
             timeout=self.timing.call_timeout,
+            grace=STOP_GRACE,
             on_spawn=spawned,
         )
 

@@ -184,7 +184,8 @@ async def test_a_config_edited_while_the_hub_runs(lab: Lab) -> None:
         await eventually(lambda: not _running(gone), timeout=10)
         stubborn = await eventually(lambda: _second_spawn(lab, "cfg-two"), timeout=30)
         await eventually(lambda: _all(client, {"two"}, "active", only=False), timeout=30)
-    assert not _running(stubborn)  # hub_stopped ends every child: SIGTERM ignored, then SIGKILL
+    # hub_stopped ends every child: SIGTERM ignored, then SIGKILL (the zombie is reaped by then)
+    await eventually(lambda: not _running(stubborn), timeout=10)
     events = [(e["type"], e["data"].get("event")) for e in history(lab, "cfg-one")]
     assert ("instance_updated", None) in events
     assert [m[:2] for m in moves(lab, "cfg-one") if m[0] in ("rediscover", "remove")] == [
