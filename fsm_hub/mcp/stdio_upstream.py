@@ -170,6 +170,7 @@ class StdioClient:
         capabilities: Mapping[str, Any] | None = None,
         inherited_env: Mapping[str, str] = os.environ,
         sleep: Sleep = asyncio.sleep,
+        on_spawn: Callable[[int, str | None], Awaitable[None]] | None = None,
     ) -> None:
         self.command = command
         self.name = name or os.path.basename(command)
@@ -187,6 +188,8 @@ class StdioClient:
         self._client_info = dict(client_info or {"name": "fsm-hub", "version": __version__})
         self._client_capabilities = dict(capabilities or {})
         self._sleep = sleep
+        self._on_spawn = on_spawn
+        """Awaited with (pid, identity) right after the spawn: the hub records the child there."""
         self._process: asyncio.subprocess.Process | None = None
         self.identity: str | None = None
         """`process_identity` of the child right after spawn: record it with the pid, so a later
@@ -270,6 +273,8 @@ class StdioClient:
             asyncio.create_task(self._drain_stderr(process.stderr), name=f"stderr {self.name}"),
             asyncio.create_task(self._read(process, process.stdout), name=f"stdout {self.name}"),
         ]
+        if self._on_spawn is not None:
+            await self._on_spawn(process.pid, self.identity)
 
     async def initialize(self, *, timeout: float | None = None) -> dict[str, Any]:
         """Spawn if needed, then initialize + notifications/initialized; returns the InitializeResult."""

@@ -69,6 +69,7 @@ class McpClient:
         on_message: OnMessage | None = None,
         client_info: Mapping[str, str] | None = None,
         capabilities: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.url = url
         """The MCP endpoint."""
@@ -89,9 +90,11 @@ class McpClient:
         self._owns_http = session is None
         self._closed = False
         self._session_id: str | None = None
-        self._session_headers: Mapping[str, str] = {}
+        self._configured_headers = dict(headers or {})
+        """A configured server's headers (Authorization, say): sent on every request."""
+        self._session_headers: Mapping[str, str] = dict(self._configured_headers)
         """``Mcp-Session-Id`` and ``MCP-Protocol-Version``, sent on everything after initialize."""
-        self._headers: Mapping[str, str] = _POST_HEADERS
+        self._headers: Mapping[str, str] = {**_POST_HEADERS, **self._configured_headers}
         self._next_id = 0
         # Bumped by each successful initialize, so calls that saw the old session can tell
         # whether someone else already replaced it.
@@ -144,7 +147,9 @@ class McpClient:
         try:
             async with asyncio.timeout(seconds):
                 try:
-                    message, session_id = await self._post_request(body, request_id, None, _POST_HEADERS)
+                    message, session_id = await self._post_request(
+                        body, request_id, None, {**_POST_HEADERS, **self._configured_headers}
+                    )
                 except SessionExpired as exc:
                     # Without a session there is nothing to expire: a 404 here is a wrong URL.
                     raise TransportError(str(exc)) from None
@@ -177,7 +182,7 @@ class McpClient:
         instructions = result.get("instructions")
         self.instructions = instructions if isinstance(instructions, str) else None
         self._session_id = session_id
-        session_headers = {VERSION_HEADER: version}
+        session_headers = {**self._configured_headers, VERSION_HEADER: version}
         if session_id is not None:
             session_headers[SESSION_HEADER] = session_id
         self._session_headers = session_headers

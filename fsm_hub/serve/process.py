@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from fsm_hub.discovery.config import ConfiguredServers
 from fsm_hub.discovery.directory import Discovery, process_is_running
 from fsm_hub.errors import FsmHubError
 from fsm_hub.mcp import jsonrpc
@@ -60,6 +61,8 @@ class ServeOptions:
     """Session expiry, session and connection caps of both HTTP endpoints."""
     instance: str | None = None
     """`--instance`: the stdio client gets that one instance's own MCP (a per-instance endpoint)."""
+    config: Path | None = None
+    """The configured servers' file (None: no configured servers)."""
 
 
 class OwnedHub:
@@ -79,7 +82,8 @@ class OwnedHub:
         options = self.options
         self.store = await EventStore.open(options.db)
         discovery = Discovery(options.instances_dir, allow_remote=options.allow_remote)
-        self.hub = Hub(self.store, discovery, timing=options.timing)
+        configured = ConfiguredServers(options.config) if options.config is not None else None
+        self.hub = Hub(self.store, discovery, timing=options.timing, configured=configured)
         try:
             await self.hub.start(wait_for_discovery=False)
             with contextlib.suppress(TimeoutError):

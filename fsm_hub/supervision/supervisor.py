@@ -164,6 +164,7 @@ class Supervisor:
         sleep: Sleep = timer,
         rng: random.Random | None = None,
         on_change: Callable[[Supervisor], None] = lambda _: None,
+        admission: asyncio.Semaphore | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.url = url
@@ -176,6 +177,9 @@ class Supervisor:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._on_change = on_change
+        self._admission = admission
+        """Bounds how many instances start at once (spawned stdio servers); waiting for a slot
+        is not part of the connect timeout."""
         self._client: InstanceClient | None = None
         self._listener: asyncio.Task[None] | None = None
         self._inbox: deque[Command] = deque()
@@ -304,6 +308,13 @@ class Supervisor:
             await self._handle(command)
 
     async def _connect(self) -> None:
+        if self._admission is None:
+            await self._connect_now()
+            return
+        async with self._admission:
+            await self._connect_now()
+
+    async def _connect_now(self) -> None:
         client = self._connector(self.url)
         try:
             tools = await self._within(self._handshake(client), self.timing.connect_timeout, "handshake")

@@ -193,7 +193,7 @@ async def test_connect_routes_the_session_to_the_instance(
     assert listed[0]["sessions"] == ["sess-1"]
     assert set(listed[0]) == {
         "id", "name", "directory", "port", "url", "pid", "state", "since",
-        "retry_count", "last_error", "sessions",
+        "retry_count", "last_error", "sessions", "kind", "source",
     }  # fmt: skip
     # resources and prompts are forwarded; an instance without them has empty lists
     answer = await session.handle(request("resources/list"))
