@@ -138,10 +138,12 @@ def test_instances_table(sample_log: Sample) -> None:
     result = invoke("instances", "--db", str(sample_log.path))
     assert result.exit_code == 0
     assert result.stdout.splitlines() == [
-        "ID                NAME  KIND       STATE       SINCE                           PORT  RETRIES  LAST ERROR",
+        "ID                NAME  KIND       STATE       SINCE                           PORT  RETRIES  "
+        "LAST ERROR",
         "a1b2c3d4e5f60002  api   announced  retrying    2026-03-14 03:14:24Z (59m ago)  8002  2        "
         "connection refused",
-        "b7e8f9000000aaaa  docs  announced  dead        2026-03-14 03:14:29Z (59m ago)  8003  0        gave up",
+        "b7e8f9000000aaaa  docs  announced  dead        2026-03-14 03:14:29Z (59m ago)  8003  0        "
+        "gave up",
         "b7e8f9000000bbbb  docs  announced  discovered  2026-03-14 03:14:30Z (59m ago)  8004  0",
         "a1b2c3d4e5f60001  web   announced  active      2026-03-14 03:14:19Z (59m ago)  8001  0",
     ]
