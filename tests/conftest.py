@@ -224,3 +224,10 @@ async def slow_mcp() -> AsyncIterator[SlowMcp]:
 
 
 # ----------------------------------------------------------------------------- end MCP serving
+
+
+@pytest.fixture(autouse=True)
+def _own_config_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test (nor the hubs it spawns) may read or write the user's configured servers."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config-home")))
+    monkeypatch.delenv("FSM_HUB_CONFIG", raising=False)

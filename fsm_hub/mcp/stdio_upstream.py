@@ -633,3 +633,52 @@ def _int_or_none(value: object) -> int | None:
 
 def _dict_or_empty(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+class SharedStdioSession:
+    """One downstream client's handle on a stdio server that every client shares.
+
+    A stdio server is one process and one MCP session, so the hub does not spawn a process per
+    client: each client's requests go over the supervisor's client, `initialize` returns the
+    supervisor's handshake instead of re-initializing the process, and `close` leaves the
+    process running. Server-side session state (log level, subscriptions) is therefore shared by
+    the clients of a stdio server; the README says so.
+    """
+
+    session_id = None
+
+    def __init__(self, shared: StdioClient, handshake: dict[str, Any]) -> None:
+        self._shared = shared
+        self._handshake = handshake
+        self._closed = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<SharedStdioSession of {self._shared!r}{' closed' if self._closed.is_set() else ''}>"
+
+    async def initialize(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._handshake
+
+    async def request(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        on_message: OnMessage | None = None,
+    ) -> dict[str, Any]:
+        return await self._shared.request(method, params, timeout=timeout, on_message=on_message)
+
+    async def notify(
+        self, method: str, params: Mapping[str, Any] | None = None, *, timeout: float | None = None
+    ) -> None:
+        await self._shared.notify(method, params, timeout=timeout)
+
+    def listen(self, on_message: OnMessage | None = None) -> asyncio.Task[None]:
+        """The shared process's notifications reach the supervisor, not each client: wait for close."""
+        return asyncio.create_task(self._until_closed(), name="shared stdio session")
+
+    async def _until_closed(self) -> None:
+        await self._closed.wait()
+
+    async def close(self) -> None:
+        self._closed.set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fsm_hub import __version__
@@ -38,12 +39,12 @@ def lines(
     refused: str | None = None,
 ) -> list[str]:
     served = (["stdio"] if options.mcp else []) + endpoints
-    config = getattr(options, "config", None)  # once configured servers land
+    config = options.config
     return [
         f"fsm-hub {__version__} (pid {os.getpid()})",
         f"  log:        {options.db}",
         f"  instances:  {shown(_directory(options, refused))}",
-        *([f"  config:     {config}"] if config else []),
+        *([f"  config:     {shown(_config(config))}"] if config else []),
         f"  serving:    {', '.join(served) if served else 'no client endpoint (supervising only)'}",
         f"  role:       {role}",
     ]
@@ -67,3 +68,7 @@ def attached(options: ServeOptions, to: Owner) -> None:
     role = f"attached to the owning hub, pid {to.pid} (takes over if it exits)"
     _emit(lines(options, role=role, endpoints=[]))
     presence.record(options.db, ["stdio"])
+
+
+def _config(path: Path) -> str:
+    return str(path) if path.exists() else f"{path} (does not exist: no configured servers)"

@@ -736,15 +736,24 @@ class Hub:
         supervisor = self._supervisors.get(instance_id)
         if supervisor is None or supervisor.state != "active":
             raise self.unavailable(instance_id)
+        from fsm_hub.mcp.stdio_upstream import SharedStdioSession, StdioClient
         from fsm_hub.mcp.upstream import McpClient
 
+        spec = self._specs.get(instance_id)
+        if spec is not None and spec.kind != "http":
+            shared = supervisor.client
+            if not isinstance(shared, StdioClient):
+                raise self.unavailable(instance_id)
+            handshake = {"protocolVersion": shared.protocol_version, **self.handshake(instance_id)}
+            return SharedStdioSession(shared, handshake)
         return McpClient(
-            supervisor.url,
+            spec.url if spec is not None and spec.url else supervisor.url,
             session=self._http,
             timeout=self.timing.call_timeout,
             client_info=client_info,
             capabilities=capabilities,
             on_message=on_message,
+            headers=spec.headers.reveal() if spec is not None else None,
         )
 
     def handshake(self, instance_id: str) -> dict[str, Any]:

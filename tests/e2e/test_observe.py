@@ -29,8 +29,10 @@ def test_the_banner_says_what_this_process_is(lab: Lab, tmp_path: Path) -> None:
         assert banner[0] == f"fsm-hub {__version__} (pid {hub.process.pid})"
         assert banner[1] == f"  log:        {lab.db}"
         assert banner[2] == f"  instances:  {missing} (does not exist yet; watched until it appears)"
-        assert banner[3] == f"  serving:    {hub.url}/mcp (dashboard at {hub.url}/)"
-        assert banner[4] == "  role:       owns the log (supervising)"
+        config = Path(os.environ["XDG_CONFIG_HOME"]) / "fsm-hub" / "servers.json"
+        assert banner[3] == f"  config:     {config} (does not exist: no configured servers)"
+        assert banner[4] == f"  serving:    {hub.url}/mcp (dashboard at {hub.url}/)"
+        assert banner[5] == "  role:       owns the log (supervising)"
         assert hub.stop() == 0
 
 
