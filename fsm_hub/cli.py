@@ -296,7 +296,7 @@ def instances(
             return
         typer.echo(
             table(
-                ("ID", "NAME", "STATE", "SINCE", "PORT", "RETRIES", "LAST ERROR"),
+                ("ID", "NAME", "KIND", "STATE", "SINCE", "PORT", "RETRIES", "LAST ERROR"),
                 [_instance_row(i) for i in listed],
                 colour_column=2,
                 colour=tables.colour_enabled(),
@@ -310,6 +310,7 @@ def _instance_row(instance: InstanceView) -> tuple[str, ...]:
     return (
         instance.id,
         instance.name,
+        instance.kind,
         instance.state,
         when(instance.since),
         str(instance.port or ""),
@@ -628,6 +629,15 @@ def serve(
     allow_remote: Annotated[
         bool, typer.Option("--allow-remote", help="Accept instance URLs on non-loopback hosts.")
     ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Configured servers, an mcpServers file (default: $FSM_HUB_CONFIG, else "
+            "$XDG_CONFIG_HOME/fsm-hub/servers.json, else ~/.config/fsm-hub/servers.json).",
+            show_default=False,
+        ),
+    ] = None,
     ping_interval: Annotated[float, typer.Option(help="Seconds between health pings.")] = 5.0,
     ping_timeout: Annotated[float, typer.Option(help="Seconds a ping may take.")] = 2.0,
     ping_misses: Annotated[int, typer.Option(min=1, help="Missed pings in a row that mean lost.")] = 3,
@@ -650,12 +660,21 @@ def serve(
     log_level: Annotated[
         LogLevel, typer.Option("--log-level", help="Least severe stderr log messages shown.")
     ] = LogLevel.warning,
+    instance: Annotated[
+        str | None,
+        typer.Option(
+            "--instance",
+            metavar="ID_OR_NAME",
+            help="With --mcp: serve that one instance's own MCP (its tools unprefixed, no hub tools).",
+        ),
+    ] = None,
     db: DbOption = None,
 ) -> None:
     """Run the hub: discover instances, supervise their connections, serve MCP."""
     import asyncio
     import logging
 
+    from fsm_hub.discovery.config import default_config_path
     from fsm_hub.discovery.directory import default_instances_dir
     from fsm_hub.serve.process import ServeOptions
     from fsm_hub.serve.process import serve as run_hub
@@ -664,6 +683,10 @@ def serve(
 
     logging.basicConfig(stream=sys.stderr, level=log_level.value.upper(), format="%(message)s")
     logging.getLogger("fsm_hub.banner").setLevel(logging.CRITICAL + 1 if quiet else logging.INFO)
+    if instance is not None and not mcp:
+        raise fail("--instance needs --mcp (over HTTP, use /instances/<id or name>/mcp)")
+    if instance is not None and not instance.strip():
+        raise fail("--instance needs an instance id or name")
     timing = Timing(
         ping_interval=_positive("--ping-interval", ping_interval),
         ping_timeout=_positive("--ping-timeout", ping_timeout),
@@ -682,6 +705,8 @@ def serve(
         allow_remote=allow_remote,
         timing=timing,
         limits=HttpLimits(session_idle=_positive("--session-idle", session_idle), max_sessions=max_sessions),
+        instance=instance,
+        config=config if config is not None else default_config_path(),
     )
     code = run(lambda: asyncio.run(run_hub(options)))
     raise typer.Exit(code)

@@ -57,6 +57,10 @@ class TransportError(FsmHubError):
     """The MCP server could not be reached, timed out, or answered with something unusable."""
 
 
+class LocalResourceError(TransportError):
+    """The hub itself ran out of something (fds, memory, processes): no evidence about the server."""
+
+
 class SessionExpired(TransportError):
     """The MCP server no longer knows our session (404, or a 400 about the session)."""
 
@@ -64,9 +68,15 @@ class SessionExpired(TransportError):
 class InstanceUnavailable(FsmHubError):
     """The instance a request is routed to is not active."""
 
-    def __init__(self, instance_id: str, state: str, last_error: str | None) -> None:
+    def __init__(
+        self, instance_id: str, state: str, last_error: str | None, attempt: int | None = None
+    ) -> None:
+        failed = "1 connect attempt failed" if attempt == 1 else f"{attempt} connect attempts failed"
+        named = attempt is not None and state in ("retrying", "connecting", "dead")
+        tried = f" ({failed})" if named else ""
         detail = f"; last error: {last_error}" if last_error else ""
-        super().__init__(f"instance {instance_id} is {state}{detail}")
+        super().__init__(f"instance {instance_id} is {state}{tried}{detail}")
+        self.attempt = attempt
         self.instance_id = instance_id
         self.state = state
         self.last_error = last_error

@@ -17,7 +17,7 @@ from tests.logs import Sample
 
 HISTORY_KEYS = ["seq", "stream", "version", "type", "at", "data"]
 INSTANCE_KEYS = ["id", "name", "directory", "port", "url", "pid", "state", "since", "retry_count",
-                 "last_error", "sessions"]
+                 "last_error", "sessions", "kind", "source"]
 # The sample's times: event n (from 1) is at 03:14:15.926535 + (n - 1) s on 2026-03-14, UTC.
 AT_SEQ_8 = "2026-03-14T03:14:22.926535"  # api's first connect_failed
 
@@ -138,12 +138,14 @@ def test_instances_table(sample_log: Sample) -> None:
     result = invoke("instances", "--db", str(sample_log.path))
     assert result.exit_code == 0
     assert result.stdout.splitlines() == [
-        "ID                NAME  STATE       SINCE                           PORT  RETRIES  LAST ERROR",
-        "a1b2c3d4e5f60002  api   retrying    2026-03-14 03:14:24Z (59m ago)  8002  2        "
+        "ID                NAME  KIND       STATE       SINCE                           PORT  RETRIES  "
+        "LAST ERROR",
+        "a1b2c3d4e5f60002  api   announced  retrying    2026-03-14 03:14:24Z (59m ago)  8002  2        "
         "connection refused",
-        "b7e8f9000000aaaa  docs  dead        2026-03-14 03:14:29Z (59m ago)  8003  0        gave up",
-        "b7e8f9000000bbbb  docs  discovered  2026-03-14 03:14:30Z (59m ago)  8004  0",
-        "a1b2c3d4e5f60001  web   active      2026-03-14 03:14:19Z (59m ago)  8001  0",
+        "b7e8f9000000aaaa  docs  announced  dead        2026-03-14 03:14:29Z (59m ago)  8003  0        "
+        "gave up",
+        "b7e8f9000000bbbb  docs  announced  discovered  2026-03-14 03:14:30Z (59m ago)  8004  0",
+        "a1b2c3d4e5f60001  web   announced  active      2026-03-14 03:14:19Z (59m ago)  8001  0",
     ]
     assert result.stderr == (
         "fsm-hub: no hub is running; the last one (pid 1) ended without recording a stop: states as of"
@@ -160,7 +162,7 @@ def test_instances_json(sample_log: Sample) -> None:
         "id": Sample.WEB, "name": "web", "directory": "/src/web", "port": 8001,
         "url": "http://127.0.0.1:8001/mcp", "pid": 4242, "state": "active",
         "since": "2026-03-14T03:14:19.926535+00:00", "retry_count": 0, "last_error": None,
-        "sessions": ["session-1"],
+        "sessions": ["session-1"], "kind": "announced", "source": "",
     }
     assert {i["state"] for i in printed} <= set(STATES)
 
@@ -490,3 +492,10 @@ def test_relative_times(seconds: int, text: str) -> None:
     from datetime import timedelta
 
     assert tables.ago(timedelta(seconds=seconds)) == text
+
+
+def test_serve_instance_needs_mcp() -> None:
+    result = invoke("serve", "--instance", "api")
+    assert result.exit_code == 1
+    expected = "fsm-hub: --instance needs --mcp (over HTTP, use /instances/<id or name>/mcp)"
+    assert result.stderr.strip() == expected

@@ -5,7 +5,11 @@ Not a test: prints a table. Both paths are driven by the same client code in the
     call through the hub), so the hub's own cost is not hidden behind a heavy client;
   * sdk  — the official MCP Python SDK `Client`, over Streamable HTTP directly and over stdio
     through the hub: what an SDK-based AI client sees.
-Each figure is the median over --runs runs; p50/p99 are per-call latencies within a run.
+  * http — the lean client over Streamable HTTP to the same hub (`serve --mcp --http`): its own
+    `/mcp` bound with `instances_connect`, and the per-instance endpoint `/instances/bench/mcp`.
+Each figure is the median over --runs runs; p50/p99 are per-call latencies within a run. Last,
+the upstream handshakes a bind costs: a counting proxy in front of a second instance counts the
+`initialize` requests the hub sends it for --binds fresh sessions that bind and call once.
 
     python tools/bench_proxy.py [--calls 1000] [--runs 5] [--concurrency 16]
 """
@@ -98,7 +102,58 @@ class LeanDirect:
         assert answer["result"]["structuredContent"]["result"] == 5, answer
         return answer
 
+    async def bind(self, instance: str) -> None:
+        """On the hub's own /mcp: wait until the instance is active, then connect to it."""
+        for _ in range(200):
+            listed = await self.post("tools/call", {"name": "instances_list", "arguments": {}})
+            states = {i["id"]: i["state"] for i in listed["result"]["structuredContent"]["instances"]}
+            if states.get(instance) == "active":
+                break
+            await asyncio.sleep(0.05)
+        connect = {"name": "instances_connect", "arguments": {"instance_id": instance}}
+        answer = await self.post("tools/call", connect)
+        assert not answer["result"]["isError"], answer
+
     async def close(self) -> None:
+        await self.http.close()
+
+
+class CountingProxy:
+    """Forwards HTTP to an MCP server, counting the `initialize` requests that pass."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.initializes = 0
+
+    async def start(self) -> int:
+        from aiohttp import web
+
+        self.http = aiohttp.ClientSession()
+        app = web.Application()
+        app.router.add_route("*", "/mcp", self.forward)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return int(self.runner.addresses[0][1])
+
+    async def forward(self, request: Any) -> Any:
+        from aiohttp import web
+
+        if request.method == "GET":  # no standalone streams: the count needs none
+            return web.Response(status=405)
+        body = await request.read()
+        if b'"method":"initialize"' in body.replace(b" ", b""):
+            self.initializes += 1
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with self.http.request(request.method, self.target, data=body, headers=headers) as upstream:
+            payload = await upstream.read()
+            kept = ("content-type", "mcp-session-id")
+            passed = {k: v for k, v in upstream.headers.items() if k.lower() in kept}
+            return web.Response(status=upstream.status, body=payload, headers=passed)
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
         await self.http.close()
 
 
@@ -190,8 +245,22 @@ async def run(args: argparse.Namespace) -> None:
             }
         )
     )
+    counting = CountingProxy(url)
+    counted_port = await counting.start()
+    (instances / "bench2.json").write_text(
+        json.dumps(
+            {
+                "id": "bench2",
+                "name": "counted",
+                "directory": str(work),
+                "port": counted_port,
+                "process_info": {"pid": os.getpid(), "executable": sys.executable},
+            }
+        )
+    )
     env = {**os.environ, "FSM_HUB_DB": str(work / "events.db"), "FSM_HUB_INSTANCES_DIR": str(instances)}
-    hub_argv = [*HUB, "serve", "--mcp"]
+    http_port = free_port()
+    hub_argv = [*HUB, "serve", "--mcp", "--http", f"127.0.0.1:{http_port}"]
     rows: dict[str, dict[str, list[float]]] = {}
 
     def record(name: str, latencies: list[float]) -> None:
@@ -205,10 +274,16 @@ async def run(args: argparse.Namespace) -> None:
         hub = LeanHub(hub_argv, env)
         await hub.start("bench1")
         sdk_direct = Client(url)
-        sdk_hub = Client(StdioServerParameters(command=hub_argv[0], args=hub_argv[1:], env=env))
+        bridge_argv = [*HUB, "serve", "--mcp"]  # attaches to the hub above (its --http is taken)
+        sdk_hub = Client(StdioServerParameters(command=bridge_argv[0], args=bridge_argv[1:], env=env))
         await sdk_direct.__aenter__()
         await sdk_hub.__aenter__()
         await sdk_hub.call_tool("instances_connect", {"instance_id": "bench1"})
+        bound_http = LeanDirect(f"http://127.0.0.1:{http_port}/mcp")
+        await bound_http.start()
+        await bound_http.bind("bench1")
+        per_instance = LeanDirect(f"http://127.0.0.1:{http_port}/instances/bench/mcp")
+        await per_instance.start()
 
         async def sdk_call(client: Any) -> None:
             result = await client.call_tool("add", {"a": 2, "b": 3})
@@ -219,6 +294,8 @@ async def run(args: argparse.Namespace) -> None:
             ("lean via hub", hub.call),
             ("sdk direct", lambda: sdk_call(sdk_direct)),
             ("sdk via hub", lambda: sdk_call(sdk_hub)),
+            ("http bound /mcp", bound_http.call),
+            ("http per-instance", per_instance.call),
         ]
         for _, call in paths:  # warm up every path
             await measure(call, 50, 1)
@@ -228,12 +305,16 @@ async def run(args: argparse.Namespace) -> None:
                     latencies = await measure(call, args.calls, concurrency)
                     record(f"{name} ×{concurrency}", latencies)
             print(f"run {run_index + 1}/{args.runs} done", file=sys.stderr)
+        handshakes = await count_handshakes(counting, http_port, args.binds)
+        await bound_http.close()
+        await per_instance.close()
         await sdk_hub.__aexit__(None, None, None)
         await sdk_direct.__aexit__(None, None, None)
         await hub.close()
         await direct.close()
     finally:
         stop([process])
+        await counting.close()
 
     med = {name: {k: statistics.median(v) for k, v in entry.items()} for name, entry in rows.items()}
     print(
@@ -257,6 +338,44 @@ async def run(args: argparse.Namespace) -> None:
                 f"{client + ' via hub ×' + str(concurrency):<22}{hub_row['p50']:>9.3f}{hub_row['p99']:>9.3f}"
                 f"{added:>+15.3f}{ratio50:>11.2f}{ratio99:>11.2f}  ≤+0.5 ms, ≤1.3×: {verdict}"
             )
+    for concurrency in (1, args.concurrency):
+        bound_row = med[f"http bound /mcp ×{concurrency}"]
+        own_row = med[f"http per-instance ×{concurrency}"]
+        ratio = own_row["p50"] / bound_row["p50"]
+        verdict = "pass" if ratio <= 1.05 else "MISS"
+        print(f"{'http bound /mcp ×' + str(concurrency):<22}{bound_row['p50']:>9.3f}{bound_row['p99']:>9.3f}")
+        print(
+            f"{'http per-instance ×' + str(concurrency):<22}{own_row['p50']:>9.3f}{own_row['p99']:>9.3f}"
+            f"{own_row['p50'] - bound_row['p50']:>+15.3f}{ratio:>11.2f}"
+            f"{own_row['p99'] / bound_row['p99']:>11.2f}  ≤1.05× the bound path: {verdict}"
+        )
+    verdict = "pass" if handshakes <= 1.0 else "MISS"
+    print(f"\nupstream handshakes per bind (bind + one call, {args.binds} sessions): {handshakes:.2f}")
+    print(f"target ≤ 1: {verdict}")
+
+
+async def count_handshakes(counting: CountingProxy, http_port: int, binds: int) -> float:
+    """Upstream `initialize` requests per fresh session that binds and calls once."""
+    first = LeanDirect(f"http://127.0.0.1:{http_port}/mcp")
+    await first.start()
+    await first.bind("bench2")  # waits until the supervisor's own handshake is done
+    await first.close()
+    before = counting.initializes
+    for _ in range(binds):
+        session = LeanDirect(f"http://127.0.0.1:{http_port}/mcp")
+        await session.start()
+        await session.bind("bench2")
+        await session.call()
+        await session.close()
+    return (counting.initializes - before) / binds
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def main() -> None:
@@ -266,6 +385,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--binds", type=int, default=20, help="sessions for the handshake count")
     parser.add_argument("--json", action="store_true", help="run the SDK server in JSON-response mode")
     asyncio.run(run(parser.parse_args()))
 

@@ -18,7 +18,8 @@ EVENT_FORMAT = 1
 
 class EventType(StrEnum):
     INSTANCE_DISCOVERED = "instance_discovered"
-    """data: name, directory, port, pid, url."""
+    """data: name, directory, port, pid, url; a configured server adds kind, source and server
+    (its description: names of env and headers, never their values)."""
     INSTANCE_UPDATED = "instance_updated"
     """data: the announcement fields that changed (same keys as instance_discovered)."""
     TRANSITION = "transition"
@@ -33,6 +34,10 @@ class EventType(StrEnum):
     """data: pid, reason."""
     SUPERVISOR_FAILED = "supervisor_failed"
     """data: instance, error, restart (count in this run). Stored in the hub stream."""
+    PROCESS_SPAWNED = "process_spawned"
+    """data: pid, identity (boot id and start time). A configured stdio server's child, as spawned."""
+    ORPHAN_ENDED = "orphan_ended"
+    """data: pid, reason. A child of an earlier hub (killed, say), found still running and ended."""
 
 
 @dataclass(frozen=True, slots=True)

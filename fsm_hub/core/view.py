@@ -21,7 +21,9 @@ _SESSION_CONNECTED = EventType.SESSION_CONNECTED.value
 _SESSION_DISCONNECTED = EventType.SESSION_DISCONNECTED.value
 _HUB_STARTED = EventType.HUB_STARTED.value
 _HUB_STOPPED = EventType.HUB_STOPPED.value
-_ANNOUNCED = ("name", "directory", "port", "url", "pid")
+_PROCESS_SPAWNED = EventType.PROCESS_SPAWNED.value
+_ORPHAN_ENDED = EventType.ORPHAN_ENDED.value
+_ANNOUNCED = ("name", "directory", "port", "url", "pid", "kind", "source")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,12 @@ class InstanceView:
     """Error of the latest failure; cleared once the instance is active again."""
     sessions: tuple[str, ...]
     """Ids of the MCP sessions bound to this instance."""
+    kind: str = "announced"
+    """`announced` (an instance file), `stdio` or `http` (a configured server)."""
+    source: str = ""
+    """The instances directory or the config file it comes from."""
+    child: tuple[int, str] | None = None
+    """A configured stdio server's last spawned child: (pid, identity), until an orphan end."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,6 +63,8 @@ class InstanceView:
             "retry_count": self.retry_count,
             "last_error": self.last_error,
             "sessions": list(self.sessions),
+            "kind": self.kind,
+            "source": self.source,
         }
 
 
@@ -178,6 +188,15 @@ class Fold:
             data = _decode(event)
             instance.fields.update({k: data[k] for k in _ANNOUNCED if k in data})
             self._dirty.add(event.stream)
+        elif kind == _PROCESS_SPAWNED or kind == _ORPHAN_ENDED:
+            instance = self._instances.get(event.stream)
+            if instance is not None:
+                data = _decode(event)
+                if kind == _PROCESS_SPAWNED:
+                    instance.fields.update(pid=data.get("pid"), identity=data.get("identity"))
+                else:
+                    instance.fields.pop("identity", None)
+                self._dirty.add(event.stream)
         elif kind == _SESSION_CONNECTED:
             session = _decode(event).get("session_id")
             if isinstance(session, str):
@@ -304,7 +323,15 @@ def _finish(acc: _Instance, sessions: tuple[str, ...]) -> InstanceView:
         retry_count=acc.retry_count,
         last_error=acc.last_error,
         sessions=sessions,
+        kind=str(fields.get("kind") or "announced"),
+        source=str(fields.get("source") or ""),
+        child=_child(fields),
     )
+
+
+def _child(fields: dict[str, Any]) -> tuple[int, str] | None:
+    pid, identity = fields.get("pid"), fields.get("identity")
+    return (pid, identity) if isinstance(pid, int) and isinstance(identity, str) else None
 
 
 def fold(events: Iterable[StoredEvent]) -> View:

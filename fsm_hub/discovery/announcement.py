@@ -99,6 +99,8 @@ def parse_announcement(
     instance_id = _required(_text(document, "id"), "id")
     if not instance_id:
         raise InvalidAnnouncement("'id' is empty")
+    if instance_id.startswith("cfg-"):  # fsm_hub.discovery.config.ID_PREFIX: configured servers' ids
+        raise RefusedAnnouncement(f"'id' {instance_id!r} claims a configured server's id (cfg-…)")
     if expected_id is not None and instance_id != expected_id:
         raise InvalidAnnouncement(f"'id' is {instance_id!r}, but the file is named for {expected_id!r}")
     port = _required(_integer(document, "port", 1, 65535), "port")

@@ -142,6 +142,9 @@ class HubTools:
             "instance": instance.to_json(),
             "tools": [t.get("name") for t in tools or ()],
         }
+        instructions = hub.handshake(instance_id).get("instructions")
+        if instructions:
+            payload["instructions"] = instructions  # what the instance tells its clients
         if previous and previous != instance_id:
             payload["previous"] = previous
         if tools is None:

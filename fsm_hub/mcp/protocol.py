@@ -9,7 +9,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from collections.abc import Iterable
 from typing import Any, Final
+from urllib.parse import quote
 
 from fsm_hub import __version__
 from fsm_hub.discovery.directory import is_loopback_host
@@ -34,6 +36,12 @@ SERVER_CAPABILITIES: Final = {
     "prompts": {"listChanged": True},
 }
 
+def instance_url(mcp_url: str, ref: str) -> str:
+    """The per-instance endpoint beside a hub's ``.../mcp``: ``.../instances/<ref>/mcp``."""
+    base = mcp_url[: -len("/mcp")] if mcp_url.endswith("/mcp") else mcp_url.rstrip("/")
+    return f"{base}/instances/{quote(ref, safe='')}/mcp"
+
+
 REQUESTS_BEFORE_INITIALIZE: Final = frozenset({"initialize", "ping"})
 """The only requests a session answers before ``initialize`` (the spec allows ping at any time)."""
 
@@ -44,8 +52,11 @@ def negotiate(requested: str) -> str:
 
 
 def as_call_tool_result(result: Any) -> dict[str, Any]:
-    """A CallToolResult unchanged; a raw result (no content list, as brummer sends) wrapped as text."""
-    if isinstance(result, dict) and isinstance(result.get("content"), list):
+    """A CallToolResult (or a task-augmented call's CreateTaskResult) unchanged; a raw result
+    (no content list, as brummer sends: an array, a string, a number, null) wrapped as text."""
+    if isinstance(result, dict) and (
+        isinstance(result.get("content"), list) or isinstance(result.get("task"), dict)
+    ):
         return result
     wrapped: dict[str, Any] = {
         "content": [{"type": "text", "text": json.dumps(result, allow_nan=False)}],
@@ -57,6 +68,49 @@ def as_call_tool_result(result: Any) -> dict[str, Any]:
 
 
 # -- where a request comes from ---------------------------------------------------------------
+
+
+def usable_tools(tools: Iterable[Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The entries of an instance's tool list a client can use, and why each other one is not.
+
+    Not an object, no string `name`, no object `inputSchema`: the SDK clients refuse a whole
+    tools/list result for any one such entry, so the hub never passes one on.
+    """
+    usable: list[dict[str, Any]] = []
+    dropped: list[str] = []
+    for index, tool in enumerate(tools):
+        problem = _unusable(tool)
+        if problem is None:
+            usable.append(tool)
+        else:
+            dropped.append(f"entry {index}: {problem}")
+    return usable, dropped
+
+
+def _unusable(tool: Any) -> str | None:
+    if not isinstance(tool, dict):
+        return f"not an object but {_json_type(tool)}"
+    if "name" not in tool:
+        return "no name"
+    if not isinstance(tool["name"], str):
+        return f"a name that is {_json_type(tool['name'])}, not a string"
+    if not isinstance(tool.get("inputSchema"), dict):
+        return f"tool {tool['name'][:64]!r} has no inputSchema object"
+    return None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
 
 
 def is_loopback(host: str) -> bool:

@@ -28,9 +28,13 @@ class SseDecoder:
     Tolerates CRLF or LF line ends, comment lines and events without data.
     """
 
-    __slots__ = ("_buffer", "_data", "_data_size", "_limit", "_scanned")
+    __slots__ = ("_buffer", "_data", "_data_size", "_limit", "_scanned", "last_id", "retry")
 
     def __init__(self, limit: int = MAX_MESSAGE) -> None:
+        self.last_id: str | None = None
+        """The last event ``id`` seen (for ``Last-Event-ID`` when resuming a stream)."""
+        self.retry: int | None = None
+        """The last ``retry`` (milliseconds) the server suggested."""
         self._buffer = bytearray()
         self._data: list[bytes] | None = None
         self._data_size = 0
@@ -77,10 +81,14 @@ class SseDecoder:
         if line.startswith(b":"):
             return
         field, _, value = line.partition(b":")
-        if field != b"data":
-            return
         if value.startswith(b" "):
             value = value[1:]
+        if field != b"data":
+            if field == b"id" and b"\0" not in value:
+                self.last_id = value.decode("utf-8", "replace")
+            elif field == b"retry" and value.isdigit():
+                self.retry = int(value)
+            return
         self._data_size += len(value) + 1
         if self._data is None:
             self._data = [value]

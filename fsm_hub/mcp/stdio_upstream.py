@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from fsm_hub import __version__
-from fsm_hub.errors import McpError, TransportError
+from fsm_hub.errors import LocalResourceError, McpError, TransportError
 from fsm_hub.mcp.jsonrpc import request as _encode
 from fsm_hub.mcp.protocol import LATEST as PROTOCOL_VERSION
 from fsm_hub.mcp.protocol import PROTOCOL_VERSIONS as SUPPORTED_PROTOCOL_VERSIONS
 from fsm_hub.mcp.protocol import as_call_tool_result
-from fsm_hub.mcp.upstream import _result_of, _snippet
+from fsm_hub.mcp.upstream import LOCAL_ERRNOS, _result_of, _snippet
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ class StdioClient:
         capabilities: Mapping[str, Any] | None = None,
         inherited_env: Mapping[str, str] = os.environ,
         sleep: Sleep = asyncio.sleep,
+        on_spawn: Callable[[int, str | None], Awaitable[None]] | None = None,
     ) -> None:
         self.command = command
         self.name = name or os.path.basename(command)
@@ -187,6 +188,8 @@ class StdioClient:
         self._client_info = dict(client_info or {"name": "fsm-hub", "version": __version__})
         self._client_capabilities = dict(capabilities or {})
         self._sleep = sleep
+        self._on_spawn = on_spawn
+        """Awaited with (pid, identity) right after the spawn: the hub records the child there."""
         self._process: asyncio.subprocess.Process | None = None
         self.identity: str | None = None
         """`process_identity` of the child right after spawn: record it with the pid, so a later
@@ -261,9 +264,8 @@ class StdioClient:
             )
         except OSError as exc:
             where = f" in {self._cwd}" if self._cwd and isinstance(exc, FileNotFoundError) else ""
-            raise TransportError(
-                f"cannot start {self.name}: {exc.strerror or exc}: {self.command}{where}"
-            ) from None
+            error = LocalResourceError if exc.errno in LOCAL_ERRNOS else TransportError
+            raise error(f"cannot start {self.name}: {exc.strerror or exc}: {self.command}{where}") from None
         process = self._process
         self.identity = process_identity(process.pid)
         assert process.stdout is not None and process.stderr is not None
@@ -271,6 +273,8 @@ class StdioClient:
             asyncio.create_task(self._drain_stderr(process.stderr), name=f"stderr {self.name}"),
             asyncio.create_task(self._read(process, process.stdout), name=f"stdout {self.name}"),
         ]
+        if self._on_spawn is not None:
+            await self._on_spawn(process.pid, self.identity)
 
     async def initialize(self, *, timeout: float | None = None) -> dict[str, Any]:
         """Spawn if needed, then initialize + notifications/initialized; returns the InitializeResult."""

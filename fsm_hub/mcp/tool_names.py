@@ -2,7 +2,9 @@
 
 Anthropic's API rejects a tool list holding any name outside `^[a-zA-Z0-9_-]{1,64}$`, so one
 oddly named instance tool would break the whole session. Such tools are listed under a safe alias
-and calls to the alias are routed back to the original name.
+and calls to the alias are routed back to the original name. Entries no client can use at all
+(not an object, no string name, no object inputSchema) are left out: the SDK clients reject a
+whole tool list for one of them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from fsm_hub.mcp.protocol import usable_tools
 
 VALID_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _INVALID = re.compile(r"[^a-zA-Z0-9_-]")
@@ -38,7 +42,12 @@ def safe_name(name: str, taken: set[str]) -> str:
 
 
 def name_tools(tools: Sequence[dict[str, Any]], reserved: Iterable[str]) -> NamedTools:
-    """List `tools` next to `reserved` names (which win a clash: such tools are left out)."""
+    """List `tools` next to `reserved` names (which win a clash: such tools are left out).
+
+    Unusable entries are left out here too, whichever path the list came by (the supervisor
+    has already dropped them from its cache, and said so).
+    """
+    tools, _ = usable_tools(tools)
     reserved = set(reserved)
     taken = set(reserved) | {str(t.get("name")) for t in tools if VALID_NAME.match(str(t.get("name")))}
     listed: list[dict[str, Any]] = []

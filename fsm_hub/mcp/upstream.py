@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from fsm_hub.errors import FsmHubError, McpError, SessionExpired, TransportError
+from fsm_hub.errors import FsmHubError, LocalResourceError, McpError, SessionExpired, TransportError
 from fsm_hub.mcp import jsonrpc
 from fsm_hub.mcp.jsonrpc import JsonRpcDecodeError, answers
 from fsm_hub.mcp.protocol import (
@@ -46,6 +46,10 @@ _DRAIN_TIMEOUT: Final = 1.0
 """How long a stream may stay open after its answer before we close it (one fd per call
 would otherwise be held for the whole call timeout by a server that never ends it)."""
 _MAX_TOOL_PAGES: Final = 1000
+_MAX_RESUMES: Final = 100
+"""Streams one request's answer may be resumed over (each after the server's ``retry``)."""
+_RESUME_DELAY_MS: Final = 500
+_MAX_RESUME_DELAY_MS: Final = 5000
 _SNIPPET: Final = 200
 
 
@@ -65,6 +69,7 @@ class McpClient:
         on_message: OnMessage | None = None,
         client_info: Mapping[str, str] | None = None,
         capabilities: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.url = url
         """The MCP endpoint."""
@@ -77,15 +82,19 @@ class McpClient:
         self.server_info: dict[str, Any] = {}
         self.capabilities: dict[str, Any] = {}
         """The server's capabilities from the last ``initialize``."""
+        self.instructions: str | None = None
+        """The server's ``instructions`` from the last ``initialize``, if it gave any."""
         self._client_info = dict(client_info or CLIENT_INFO)
         self._client_capabilities = dict(capabilities or {})
         self._http = session
         self._owns_http = session is None
         self._closed = False
         self._session_id: str | None = None
-        self._session_headers: Mapping[str, str] = {}
+        self._configured_headers = dict(headers or {})
+        """A configured server's headers (Authorization, say): sent on every request."""
+        self._session_headers: Mapping[str, str] = dict(self._configured_headers)
         """``Mcp-Session-Id`` and ``MCP-Protocol-Version``, sent on everything after initialize."""
-        self._headers: Mapping[str, str] = _POST_HEADERS
+        self._headers: Mapping[str, str] = {**_POST_HEADERS, **self._configured_headers}
         self._next_id = 0
         # Bumped by each successful initialize, so calls that saw the old session can tell
         # whether someone else already replaced it.
@@ -93,6 +102,10 @@ class McpClient:
         self._reinit: asyncio.Future[dict[str, Any]] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._listening = False
+        self._stream_last_id: str | None = None
+        """The GET stream's last event id, sent as ``Last-Event-ID`` when it is reopened."""
+        self.listen_offered = True
+        """False once the server answered the GET stream with 405 (it offers none)."""
         self._background: set[asyncio.Task[Any]] = set()
 
     @property
@@ -134,7 +147,9 @@ class McpClient:
         try:
             async with asyncio.timeout(seconds):
                 try:
-                    message, session_id = await self._post_request(body, request_id, None, _POST_HEADERS)
+                    message, session_id = await self._post_request(
+                        body, request_id, None, {**_POST_HEADERS, **self._configured_headers}
+                    )
                 except SessionExpired as exc:
                     # Without a session there is nothing to expire: a 404 here is a wrong URL.
                     raise TransportError(str(exc)) from None
@@ -164,8 +179,10 @@ class McpClient:
         self.protocol_version = version
         self.server_info = _dict_or_empty(result.get("serverInfo"))
         self.capabilities = _dict_or_empty(result.get("capabilities"))
+        instructions = result.get("instructions")
+        self.instructions = instructions if isinstance(instructions, str) else None
         self._session_id = session_id
-        session_headers = {VERSION_HEADER: version}
+        session_headers = {**self._configured_headers, VERSION_HEADER: version}
         if session_id is not None:
             session_headers[SESSION_HEADER] = session_id
         self._session_headers = session_headers
@@ -221,11 +238,31 @@ class McpClient:
             raise TransportError(f"{self.url} answered {method} with {_snippet(result)}")
         return result
 
+    async def call(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        on_message: OnMessage | None = None,
+    ) -> Any:
+        """Like `request`, but any JSON ``result`` comes back as it is (arrays, strings, null)."""
+        return await self._call(method, params, timeout, on_message)
+
     async def notify(
         self, method: str, params: Mapping[str, Any] | None = None, *, timeout: float | None = None
     ) -> None:
         """Send a JSON-RPC notification (e.g. ``notifications/cancelled``)."""
         await self._call(method, params, timeout, None, notification=True)
+
+    async def respond(self, message: Mapping[str, Any], *, timeout: float | None = None) -> None:
+        """POST our answer (``result`` or ``error``) to a request the server sent us."""
+        seconds = self.timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(seconds):
+                await self._post_notification(jsonrpc.encode_answer(dict(message)), self._headers)
+        except TimeoutError:
+            raise TransportError(f"answering {self.url} timed out after {seconds:g}s") from None
 
     async def ping(self, timeout: float | None = None) -> None:
         """Return if the server answers at all; raise TransportError if it cannot be reached."""
@@ -366,9 +403,9 @@ class McpClient:
                 raise
             return answer, response.headers.get(SESSION_HEADER)
         except aiohttp.ClientError as exc:
-            raise TransportError(self._describe(exc)) from None
+            raise _transport_error(exc, self._describe(exc)) from None
         except OSError as exc:
-            raise TransportError(f"{self.url}: {exc.strerror or exc}") from None
+            raise _transport_error(exc, f"{self.url}: {exc.strerror or exc}") from None
 
     def _finish_stream(self, response: aiohttp.ClientResponse) -> None:
         """Hand the connection back once the server ends the stream it answered on.
@@ -404,9 +441,9 @@ class McpClient:
                     raise await self._status_error(response)
                 await response.read()  # drained, so the connection is kept alive
         except aiohttp.ClientError as exc:
-            raise TransportError(self._describe(exc)) from None
+            raise _transport_error(exc, self._describe(exc)) from None
         except OSError as exc:
-            raise TransportError(f"{self.url}: {exc.strerror or exc}") from None
+            raise _transport_error(exc, f"{self.url}: {exc.strerror or exc}") from None
 
     async def _status_error(self, response: aiohttp.ClientResponse) -> FsmHubError:
         """The error an HTTP status >= 300 stands for."""
@@ -455,16 +492,60 @@ class McpClient:
     async def _read_answer(
         self, response: aiohttp.ClientResponse, request_id: int, on_message: OnMessage | None
     ) -> dict[str, Any]:
-        """Read a POST's SSE stream up to the answer, handing everything before it on."""
+        """Read a POST's SSE stream up to the answer, handing everything before it on.
+
+        A server may end the stream before answering (SEP-1699 polling) once it has sent an
+        event id: the answer is then fetched with a GET carrying ``Last-Event-ID``, after the
+        ``retry`` it suggested, under the same call deadline.
+        """
         decoder = SseDecoder()
+        answer = await self._answer_on(response, decoder, request_id, on_message)
+        for _ in range(_MAX_RESUMES):
+            if answer is not None:
+                return answer
+            if decoder.last_id is None:
+                break
+            await asyncio.sleep(min(decoder.retry or _RESUME_DELAY_MS, _MAX_RESUME_DELAY_MS) / 1000)
+            answer = await self._resume(decoder, request_id, on_message)
+        if answer is not None:
+            return answer
+        raise TransportError(f"{self.url} ended the SSE stream before answering request {request_id}")
+
+    async def _answer_on(
+        self,
+        response: aiohttp.ClientResponse,
+        decoder: SseDecoder,
+        request_id: int,
+        on_message: OnMessage | None,
+    ) -> dict[str, Any] | None:
         async for chunk in response.content.iter_any():
             answer = await self._scan(decoder.feed(chunk), request_id, on_message)
             if answer is not None:
                 return answer
-        answer = await self._scan(decoder.close(), request_id, on_message)
+        return await self._scan(decoder.close(), request_id, on_message)
+
+    async def _resume(
+        self, decoder: SseDecoder, request_id: int, on_message: OnMessage | None
+    ) -> dict[str, Any] | None:
+        """One GET resuming a stream after ``decoder.last_id``; its answer, if it brings one."""
+        assert decoder.last_id is not None
+        headers = {"Accept": SSE, **self._session_headers, "Last-Event-ID": decoder.last_id}
+        http = self._http_session()
+        response = await http.get(self.url, headers=headers, timeout=_NO_AIOHTTP_TIMEOUT)
+        try:
+            if response.status >= 300:
+                raise await self._status_error(response)
+            if response.content_type != SSE:
+                raise TransportError(f"{self.url} resumed a stream with {response.content_type}, not SSE")
+            answer = await self._answer_on(response, decoder, request_id, on_message)
+        except BaseException:
+            response.close()
+            raise
         if answer is not None:
-            return answer
-        raise TransportError(f"{self.url} ended the SSE stream before answering request {request_id}")
+            self._finish_stream(response)
+        else:
+            response.release()
+        return answer
 
     async def _scan(
         self, events: list[bytes], request_id: int | None, on_message: OnMessage | None
@@ -513,7 +594,8 @@ class McpClient:
 
         The task ends quietly on 405 (the server offers no such stream) or when the server
         ends the stream; it fails with TransportError otherwise. Cancel it to stop listening;
-        ``close()`` does so. There is no reconnect. Calling again while it runs returns it.
+        ``close()`` does so. Calling again while it runs returns it; calling again after it ended
+        reopens the stream, with ``Last-Event-ID`` if the server gave event ids.
         """
         if self._listener is None or self._listener.done():
             self._listener = asyncio.create_task(self._listen(on_message), name=f"listen {self.url}")
@@ -521,6 +603,8 @@ class McpClient:
 
     async def _listen(self, on_message: OnMessage | None) -> None:
         headers = {"Accept": SSE, **self._session_headers}
+        if self._stream_last_id is not None:  # reopened: what we missed, where the server keeps it
+            headers["Last-Event-ID"] = self._stream_last_id
         http = self._http_session()
         try:
             async with (
@@ -528,6 +612,7 @@ class McpClient:
                 http.get(self.url, headers=headers, timeout=_NO_AIOHTTP_TIMEOUT) as response,
             ):
                 if response.status == 405:
+                    self.listen_offered = False
                     return
                 if response.status != 200:
                     text = _snippet(await response.read())
@@ -541,16 +626,20 @@ class McpClient:
                 opening.reschedule(None)
                 self._listening = True
                 decoder = SseDecoder()
-                async for chunk in response.content.iter_any():
-                    await self._scan(decoder.feed(chunk), None, on_message)
+                try:
+                    async for chunk in response.content.iter_any():
+                        await self._scan(decoder.feed(chunk), None, on_message)
+                finally:
+                    if decoder.last_id is not None:
+                        self._stream_last_id = decoder.last_id
         except TimeoutError:
             raise TransportError(
                 f"opening the GET stream of {self.url} timed out after {self.timeout:g}s"
             ) from None
         except aiohttp.ClientError as exc:
-            raise TransportError(self._describe(exc)) from None
+            raise _transport_error(exc, self._describe(exc)) from None
         except OSError as exc:
-            raise TransportError(f"{self.url}: {exc.strerror or exc}") from None
+            raise _transport_error(exc, f"{self.url}: {exc.strerror or exc}") from None
         finally:
             self._listening = False
 
@@ -579,6 +668,17 @@ class McpClient:
         if isinstance(exc, aiohttp.ClientOSError) and exc.errno == errno.ECONNRESET:
             return f"{self.url} reset the connection"
         return f"{self.url}: {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+LOCAL_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN})
+"""Failures of the hub's own resources (creating a socket or a process), not of the server."""
+
+
+def _transport_error(exc: OSError | aiohttp.ClientError, detail: str) -> TransportError:
+    """LocalResourceError when the hub ran out of something, TransportError otherwise."""
+    error = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    code = getattr(error, "errno", None)
+    return LocalResourceError(detail) if code in LOCAL_ERRNOS else TransportError(detail)
 
 
 def _result_of(message: dict[str, Any]) -> Any:

@@ -17,7 +17,7 @@ import aiohttp
 from fsm_hub.errors import TransportError
 from fsm_hub.mcp import jsonrpc, sse
 from fsm_hub.mcp.jsonrpc import needs_answer
-from fsm_hub.mcp.protocol import JSON, POST_HEADERS, SESSION_HEADER, SSE
+from fsm_hub.mcp.protocol import JSON, POST_HEADERS, SESSION_HEADER, SSE, instance_url
 from fsm_hub.serve.ownership import Owner
 from fsm_hub.transports.stdio import StdioChannel
 
@@ -43,8 +43,11 @@ class Bridge:
         *,
         on_lost: Callable[[Owner], None] | None = None,
         call_timeout: float = 300.0,
+        instance: str | None = None,
     ) -> None:
         self.channel = channel
+        self.instance = instance
+        """`serve --mcp --instance`: relay to the owner's per-instance endpoint of this one."""
         self.owner = owner
         self.call_timeout = call_timeout
         """Seconds a relayed request may take, answer included, before its client gets an error."""
@@ -59,9 +62,16 @@ class Bridge:
             connector=aiohttp.TCPConnector(limit=0),
         )
         self._listener: asyncio.Task[None] | None = None
+        self._closing = False
         self._initialized = asyncio.Event()
         """Clear while an initialize is on its way; set once it is answered (or failed)."""
         self._initialized.set()
+
+    def _endpoint(self, owner: Owner) -> str:
+        """The owner's `/mcp`, or its per-instance endpoint with `--instance`."""
+        if self.instance is None:
+            return owner.url
+        return instance_url(owner.url, self.instance)
 
     def __repr__(self) -> str:
         session = self.session_id[:8] if self.session_id else None
@@ -71,10 +81,13 @@ class Bridge:
     async def close(self, *, end_session: bool) -> None:
         # The session ends before its stream: the owner would otherwise see the stream drop
         # first and record the bridge as gone rather than the client as done.
+        self._closing = True  # the DELETE ends our GET stream: that is not the owner being lost
         if end_session and self.session_id is not None:
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 async with self._http.delete(
-                    self.owner.url, headers=self._headers(), timeout=aiohttp.ClientTimeout(total=2)
+                    self._endpoint(self.owner),
+                    headers=self._headers(),
+                    timeout=aiohttp.ClientTimeout(total=2),
                 ):
                     pass
         await self._stop_listening()
@@ -130,7 +143,8 @@ class Bridge:
             raise OwnerGone(f"owning hub unreachable: {exc}") from None
 
     async def _post(self, line: bytes, message: Any) -> None:
-        async with self._http.post(self.owner.url, data=line, headers=self._headers()) as response:
+        url = self._endpoint(self.owner)
+        async with self._http.post(url, data=line, headers=self._headers()) as response:
             if response.status in GONE_STATUSES and "Retry-After" not in response.headers:
                 raise OwnerGone(f"the owning hub answered HTTP {response.status}")
             new_id = response.headers.get(SESSION_HEADER)
@@ -169,14 +183,14 @@ class Bridge:
     async def _notifications(self) -> None:
         owner = self.owner
         with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            async with self._http.get(owner.url, headers=self._headers()) as response:
+            async with self._http.get(self._endpoint(owner), headers=self._headers()) as response:
                 if response.status == 200:
                     async for data in sse.events(response.content):
                         if data.strip():
                             self.channel.write(data)
         # The owner ended the stream (it is stopping or gone) or refused it: not our doing,
         # since closing the bridge cancels this task first.
-        if self._on_lost is not None:
+        if self._on_lost is not None and not self._closing:
             self._on_lost(owner)
 
     async def reattach(self, call: Callable[[dict[str, Any]], Awaitable[Any]]) -> None:
@@ -203,7 +217,7 @@ class Bridge:
             nonlocal session_id
             data = jsonrpc.encode(message)
             async with self._http.post(
-                owner.url, data=data, headers=self._headers(owner, session_id)
+                self._endpoint(owner), data=data, headers=self._headers(owner, session_id)
             ) as response:
                 if response.status >= 400:
                     raise OwnerGone(f"{owner.url} answered HTTP {response.status}")

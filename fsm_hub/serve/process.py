@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from fsm_hub.discovery.config import ConfiguredServers
 from fsm_hub.discovery.directory import Discovery, process_is_running
 from fsm_hub.errors import FsmHubError
 from fsm_hub.mcp import jsonrpc
@@ -58,6 +59,10 @@ class ServeOptions:
     timing: Timing = DEFAULT_TIMING
     limits: HttpLimits = DEFAULT_LIMITS
     """Session expiry, session and connection caps of both HTTP endpoints."""
+    instance: str | None = None
+    """`--instance`: the stdio client gets that one instance's own MCP (a per-instance endpoint)."""
+    config: Path | None = None
+    """The configured servers' file (None: no configured servers)."""
 
 
 class OwnedHub:
@@ -77,7 +82,8 @@ class OwnedHub:
         options = self.options
         self.store = await EventStore.open(options.db)
         discovery = Discovery(options.instances_dir, allow_remote=options.allow_remote)
-        self.hub = Hub(self.store, discovery, timing=options.timing)
+        configured = ConfiguredServers(options.config) if options.config is not None else None
+        self.hub = Hub(self.store, discovery, timing=options.timing, configured=configured)
         try:
             await self.hub.start(wait_for_discovery=False)
             with contextlib.suppress(TimeoutError):
@@ -131,7 +137,7 @@ async def serve(options: ServeOptions) -> int:
             await stop.wait()
             await owned.stop("log unwritable" if hub.failure else "signal")
             return _exit_code(hub)
-        code = await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop)
+        code = await _serve_stdio(channel, owned, _stdio_session(hub, channel, options), stop)
         return _exit_code(hub) or code
     relay: HttpRelay | None = None
     if options.http is not None:
@@ -272,7 +278,8 @@ async def _attach(
         task.add_done_callback(_failover_done)
         task.add_done_callback(tasks.discard)
 
-    bridge = Bridge(channel, owner, on_lost=owner_lost, call_timeout=options.timing.call_timeout)
+    timeout = options.timing.call_timeout
+    bridge = Bridge(channel, owner, on_lost=owner_lost, call_timeout=timeout, instance=options.instance)
 
     async def failover(failed: Owner) -> None:
         nonlocal owned
@@ -289,7 +296,7 @@ async def _attach(
                     if ownership.try_acquire():
                         owned = OwnedHub(options, ownership)
                         hub = await owned.start(settle=options.timing.connect_timeout)
-                        session = Session(hub, secrets.token_hex(16), channel.write)
+                        session = _stdio_session(hub, channel, options)
                         # Bound again before any new message reaches the session: until then they
                         # queue on this lock (their relay fails, they ask for a failover).
                         await bridge.reattach(session.handle)
@@ -390,6 +397,11 @@ async def _wait_for_owner(ownership: Ownership) -> Owner | None:
     return ownership.read()
 
 
+def _stdio_session(hub: Hub, channel: StdioChannel, options: ServeOptions) -> Session:
+    """The in-process session of the stdio client: the hub's, or one instance's with --instance."""
+    return Session(hub, secrets.token_hex(16), channel.write, instance=options.instance)
+
+
 async def _take_over_or_fail(
     channel: StdioChannel,
     options: ServeOptions,
@@ -403,7 +415,7 @@ async def _take_over_or_fail(
     hub = await owned.start()
     banner.owner(options, owned)
     hub.on_failure(lambda _: stop.set())
-    code = await _serve_stdio(channel, owned, Session(hub, secrets.token_hex(16), channel.write), stop, tasks)
+    code = await _serve_stdio(channel, owned, _stdio_session(hub, channel, options), stop, tasks)
     return _exit_code(hub) or code
 
 

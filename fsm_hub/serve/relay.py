@@ -19,7 +19,7 @@ from aiohttp import web
 
 from fsm_hub.mcp import jsonrpc
 from fsm_hub.mcp.jsonrpc import INVALID_REQUEST, error_response
-from fsm_hub.mcp.protocol import JSON, SESSION_HEADER, SSE, VERSION_HEADER
+from fsm_hub.mcp.protocol import JSON, SESSION_HEADER, SSE, VERSION_HEADER, instance_url
 from fsm_hub.serve.ownership import Owner
 from fsm_hub.transports.connections import ConnectionGuard
 from fsm_hub.transports.http import RELAYED_HEADER, HttpLimits, mcp_url, origin_refusal, start_guarded
@@ -68,6 +68,7 @@ class HttpRelay:
         )
         app = web.Application(client_max_size=self.limits.max_body)
         app.router.add_route("*", "/mcp", self._relay)
+        app.router.add_route("*", "/instances/{ref}/mcp", self._relay)  # per-instance endpoints
         self._runner, self.port = await start_guarded(app, self.host, self.port, self.connections)
         return self.url
 
@@ -114,7 +115,9 @@ class HttpRelay:
             headers["Authorization"] = f"Bearer {owner.token}"
             headers[RELAYED_HEADER] = "1"
             try:
-                upstream = await self._http.request(request.method, owner.url, data=body, headers=headers)
+                ref = request.match_info.get("ref")
+                url = owner.url if ref is None else instance_url(owner.url, ref)
+                upstream = await self._http.request(request.method, url, data=body, headers=headers)
             except (aiohttp.ClientError, OSError):
                 await asyncio.sleep(0.2)  # a takeover advertises within moments
                 continue

@@ -21,6 +21,14 @@ import aiohttp
 from fsm_hub import __version__
 from fsm_hub.core.events import HUB_STREAM, EventType, StoredEvent
 from fsm_hub.core.view import Fold, InstanceView, View, resolve
+from fsm_hub.discovery.config import (
+    ConfigChange,
+    ConfiguredServers,
+    ServerChanged,
+    ServerFound,
+    ServerSpec,
+    is_configured_id,
+)
 from fsm_hub.discovery.directory import (
     Announcement,
     Change,
@@ -31,14 +39,16 @@ from fsm_hub.discovery.directory import (
     Updated,
     process_is_running,
 )
-from fsm_hub.errors import InstanceUnavailable, LogUnwritable, StoreError
+from fsm_hub.errors import InstanceUnavailable, LogUnwritable, StoreError, TransportError
 from fsm_hub.store.recorder import recorded_machine
 from fsm_hub.store.snapshots import SNAPSHOT_EVERY
 from fsm_hub.store.sqlite import EventStore
 from fsm_hub.supervision.supervisor import (
     DEFAULT_TIMING,
+    CheckNow,
     Connector,
     Rediscover,
+    RefreshTools,
     Remove,
     Sleep,
     Supervisor,
@@ -48,6 +58,14 @@ from fsm_hub.supervision.supervisor import (
 )
 
 log = logging.getLogger(__name__)
+
+STOP_GRACE = 1.0
+"""Seconds a stopping stdio server gets after stdin closes, then after SIGTERM, before SIGKILL:
+short enough that the hub's own stop (a client gives it a few seconds) ends every child."""
+
+DEFAULT_START_LIMIT = max(4, 2 * (os.cpu_count() or 1))
+"""Configured stdio servers starting (spawn + handshake) at once; the others wait for a slot
+before their connect timeout starts. Measured in tools/bench_stdio.py: see the README."""
 
 InstanceListener = Callable[[str], None]
 DISCOVERY_CHUNK = 100
@@ -67,6 +85,43 @@ def announced(announcement: Announcement) -> dict[str, Any]:
 
 def evidence(instance: InstanceView) -> tuple[int | None, int | None, str | None]:
     return (instance.port, instance.pid, instance.url)
+
+
+def configured_payload(spec: ServerSpec) -> dict[str, Any]:
+    """The payload of `instance_discovered` / `instance_updated` for a configured server.
+
+    Names of env and headers only, command/args/url as written: never a secret value.
+    """
+    description = spec.describe()
+    server = description.to_json()
+    server.pop("fingerprint")  # keyed per process: it would tell nothing in a later run
+    return {
+        "name": spec.name,
+        "directory": "",
+        "port": None,
+        "pid": None,
+        "url": description.url,
+        "kind": spec.kind,
+        "source": spec.source,
+        "server": server,
+    }
+
+
+def config_changed(before: ServerSpec, after: ServerSpec) -> str:
+    old, new = before.describe(), after.describe()
+    changes = [
+        name
+        for name, a, b in (
+            ("command", old.command, new.command),
+            ("args", old.args, new.args),
+            ("cwd", old.cwd, new.cwd),
+            ("url", old.url, new.url),
+            ("env names", old.env, new.env),
+            ("header names", old.headers, new.headers),
+        )
+        if a != b
+    ]
+    return "config changed: " + (", ".join(changes) if changes else "env or header values")
 
 
 def what_changed(before: InstanceView, after: Announcement) -> str:
@@ -104,8 +159,15 @@ class Hub:
         connector: Connector | None = None,
         rng: random.Random | None = None,
         snapshot_every: int = SNAPSHOT_EVERY,
+        configured: ConfiguredServers | None = None,
+        start_limit: int = DEFAULT_START_LIMIT,
     ) -> None:
         self.store = store
+        self.configured = configured
+        """The config file's servers (None: no configured servers)."""
+        self._specs: dict[str, ServerSpec] = {}
+        self._starts = asyncio.Semaphore(start_limit)
+        self._config_task: asyncio.Task[None] | None = None
         self.snapshot_every = snapshot_every
         self.discovery = discovery
         self.timing = timing
@@ -160,12 +222,33 @@ class Hub:
         await self.store.append(
             HUB_STREAM,
             EventType.HUB_STARTED,
-            {"pid": os.getpid(), "version": __version__, "instances_dir": str(self.discovery.directory)},
+            {
+                "pid": os.getpid(),
+                "version": __version__,
+                "instances_dir": str(self.discovery.directory),
+                "config": str(self.configured.path) if self.configured else None,
+            },
         )
+        await self._end_orphans()
+        config_changes = self.configured.changes() if self.configured is not None else None
+        first_config: list[ConfigChange] = []
+        if config_changes is not None:
+            first_config = await anext(config_changes)
+            self._specs.update({c.server.id: c.server for c in first_config if isinstance(c, ServerFound)})
         for instance in self.view.instances.values():
-            if instance.state != "dead":
+            if instance.state != "dead" and (not is_configured_id(instance.id) or instance.id in self._specs):
                 supervisor = await self._supervise(instance)
                 await supervisor.deliver(Rediscover(instance.url or "", "hub restart"))
+        # Configured servers do not wait for the instances directory's first look.
+        await self._apply_config(first_config, initial=True)
+        for instance_id in self._specs:
+            configured = self._supervisors.get(instance_id)
+            if configured is not None and not configured.running:
+                self._start(configured)
+        if config_changes is not None:
+            self._config_task = asyncio.create_task(
+                self._follow_config(config_changes), name="fsm-hub-config"
+            )
         changes = self.discovery.changes()
         if wait_for_discovery:
             await self._discover_first(changes)
@@ -177,7 +260,8 @@ class Hub:
         first = await anext(changes)
         await self._reconcile(first, initial=True)
         for supervisor in self._supervisors.values():
-            self._start(supervisor)
+            if not supervisor.running:
+                self._start(supervisor)
         self._freeze_long_lived()
         self.discovered.set()
 
@@ -201,10 +285,11 @@ class Hub:
         for restart in self._restarts:
             restart.cancel()
         await asyncio.gather(*self._restarts, return_exceptions=True)
-        if self._discovery_task is not None:
-            self._discovery_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._discovery_task
+        for follower in (self._discovery_task, self._config_task):
+            if follower is not None:
+                follower.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follower
         await asyncio.gather(*(s.stop() for s in self._supervisors.values()))
         if self._http is not None:
             await self._http.close()
@@ -278,6 +363,8 @@ class Hub:
         self._missing_checked = True
         found = self.discovery.current.keys()
         for instance in list(self.view.instances.values()):
+            if is_configured_id(instance.id):
+                continue  # configured servers are the config's to keep or remove
             if instance.id not in found and instance.state != "dead":
                 reason = self._why_missing(instance)
                 await self._gone(instance.id, reason)
@@ -298,7 +385,7 @@ class Hub:
         for first in range(0, len(fresh), DISCOVERY_CHUNK):
             chunk = fresh[first : first + DISCOVERY_CHUNK]
             await asyncio.gather(
-                *(self.store.append(a.id, EventType.INSTANCE_DISCOVERED, announced(a)) for a in chunk)
+                *(self.store.append(a.id, EventType.INSTANCE_DISCOVERED, self._payload(a)) for a in chunk)
             )
             for announcement in chunk:
                 instance = self.instance(announcement.id)
@@ -309,10 +396,124 @@ class Hub:
             await asyncio.sleep(0)  # a machine costs ~0.3 ms to build: let clients be answered
         return {a.id for a in fresh}
 
+    # -- configured servers → supervisors ------------------------------------------------------
+
+    async def _follow_config(self, changes: AsyncIterator[list[ConfigChange]]) -> None:
+        async for batch in changes:
+            supervised = len(self._supervisors)
+            try:
+                await self._apply_config(batch, initial=False)
+            except LogUnwritable as exc:
+                self._fail(exc)
+                return
+            except StoreError as exc:
+                self._fail(LogUnwritable(str(exc)))
+                return
+            except Exception:
+                log.exception("could not apply config changes")
+            if len(self._supervisors) > supervised:
+                self._freeze_long_lived()
+
+    async def _apply_config(self, batch: Sequence[ConfigChange], *, initial: bool) -> None:
+        for change in batch:
+            if isinstance(change, Gone):
+                self._specs.pop(change.instance_id, None)
+                await self._gone(change.instance_id, change.reason)
+            else:
+                self._specs[change.server.id] = change.server
+                await self._configured(change, start=not initial)
+        if not initial:
+            return
+        assert self.configured is not None or not self._specs
+        for instance in list(self.view.instances.values()):
+            if is_configured_id(instance.id) and instance.id not in self._specs and instance.state != "dead":
+                where = self.configured.path if self.configured is not None else "the config (none given)"
+                supervisor = self._supervisors.get(instance.id) or await self._supervise(instance)
+                await supervisor.deliver(Remove(f"no longer in {where}"))
+
+    async def _configured(self, change: ServerFound | ServerChanged, *, start: bool) -> None:
+        spec = change.server
+        data = configured_payload(spec)
+        known = self._fold.instance(spec.id)
+        if known is None:
+            await self.store.append(spec.id, EventType.INSTANCE_DISCOVERED, data)
+            instance = self._fold.instance(spec.id)
+            assert instance is not None
+            supervisor = await self._supervise(instance)
+            if start:
+                self._start(supervisor)
+            return
+        if isinstance(change, ServerChanged) or (known.name, known.kind, known.source, known.url) != (
+            spec.name, spec.kind, spec.source, data["url"],
+        ):
+            await self.store.append(spec.id, EventType.INSTANCE_UPDATED, data)
+        existing = self._supervisors.get(spec.id)
+        if existing is None:  # dead, or removed earlier: back in the config
+            supervisor = await self._supervise(known)
+            if start:
+                self._start(supervisor)
+        else:
+            supervisor = existing
+            if not isinstance(change, ServerChanged) and supervisor.state != "dead":
+                return  # brought back at start already
+        reason = config_changed(change.previous, spec) if isinstance(change, ServerChanged) else (
+            f"in {spec.source}"
+        )
+        await supervisor.deliver(Rediscover(spec.url or "", reason))
+
+    def _configured_client(self, instance_id: str) -> Any:
+        """A client for the configured server's current settings (read at each connect)."""
+        from fsm_hub.mcp.stdio_upstream import StdioClient
+        from fsm_hub.mcp.upstream import McpClient
+
+        spec = self._specs.get(instance_id)
+        if spec is None:
+            raise TransportError(f"{instance_id} is no longer configured")
+        if spec.kind == "http":
+            assert spec.url is not None
+            return McpClient(
+                spec.url, session=self._http, timeout=self.timing.call_timeout, headers=spec.headers.reveal()
+            )
+        assert spec.command is not None
+
+        async def spawned(pid: int, identity: str | None) -> None:
+            data = {"pid": pid, "identity": identity}
+            await self.store.append(instance_id, EventType.PROCESS_SPAWNED, data)
+
+        return StdioClient(
+            spec.command,
+            spec.args,
+            env=spec.env.reveal(),
+            cwd=spec.cwd,
+            name=spec.name,
+            timeout=self.timing.call_timeout,
+            grace=STOP_GRACE,
+            on_spawn=spawned,
+        )
+
+    async def _end_orphans(self) -> None:
+        """End the children an earlier hub spawned and never stopped (it was SIGKILLed), and record it."""
+        from fsm_hub.mcp.stdio_upstream import end_orphan
+
+        async def one(instance: InstanceView) -> None:
+            assert instance.child is not None
+            pid, identity = instance.child
+            if await end_orphan(pid, identity):
+                log.warning("ended %s's server process %d, left running by an earlier hub", instance.id, pid)
+                await self.store.append(
+                    instance.id,
+                    EventType.ORPHAN_ENDED,
+                    {"pid": pid, "reason": "left running by an earlier hub; ended"},
+                )
+
+        await asyncio.gather(*(one(i) for i in self.view.instances.values() if i.child is not None))
+
+    # -- announcements → supervisors ---------------------------------------------------------------
+
     async def _announced(self, announcement: Announcement, *, start: bool, back: str = "") -> None:
         """`back`: why discovery, having withdrawn it (a refused directory), offers it again."""
         known = self.instance(announcement.id)
-        data = announced(announcement)
+        data = self._payload(announcement)
         if known is None:
             await self.store.append(announcement.id, EventType.INSTANCE_DISCOVERED, data)
             instance = self.instance(announcement.id)
@@ -341,6 +542,9 @@ class Hub:
             supervisor = existing
         await supervisor.deliver(Rediscover(announcement.url, what_changed(known, announcement)))
 
+    def _payload(self, announcement: Announcement) -> dict[str, Any]:
+        return {**announced(announcement), "source": str(self.discovery.directory)}
+
     def _why_missing(self, instance: InstanceView) -> str:
         """Why an instance the log knows is not among the announcements found at start."""
         if self.discovery.refused is not None:
@@ -366,15 +570,21 @@ class Hub:
             max_attempts=self.timing.retry_attempts,
         )
         assert self._connector is not None
+        connector: Connector = self._connector
+        if is_configured_id(instance.id):
+            def connector(_: str, instance_id: str = instance.id) -> Any:
+                return self._configured_client(instance_id)
+        spec = self._specs.get(instance.id)
         supervisor = Supervisor(
             instance.id,
             instance.url or "",
             machine,
-            connector=self._connector,
+            connector=connector,
             timing=self.timing,
             sleep=self._sleep,
             rng=self._rng,
             on_change=self._changed,
+            admission=self._starts if spec is not None and spec.kind == "stdio" else None,
         )
         supervisor.last_error = instance.last_error
         self._supervisors[instance.id] = supervisor
@@ -502,7 +712,68 @@ class Hub:
         instance = self.instance(instance_id)
         supervisor = self._supervisors.get(instance_id)
         last_error = supervisor.last_error if supervisor else (instance.last_error if instance else None)
-        return InstanceUnavailable(instance_id, self.state(instance_id), last_error)
+        if supervisor is not None:
+            attempt = int(supervisor.machine.model.attempt)
+        else:
+            attempt = instance.retry_count if instance else 0
+        return InstanceUnavailable(instance_id, self.state(instance_id), last_error, attempt)
+
+    # -- per-client upstream sessions (mcp.client_upstream) ---------------------------------
+
+    def client_for(
+        self,
+        instance_id: str,
+        *,
+        capabilities: dict[str, Any],
+        client_info: dict[str, Any],
+        on_message: Callable[[dict[str, Any]], Any],
+    ) -> Any:
+        """A new, unopened client of the instance's current URL for one downstream client.
+
+        The supervisor's own client stays its own (health, tool cache). A stdio instance would
+        return its stdio client here, with the same interface.
+        """
+        supervisor = self._supervisors.get(instance_id)
+        if supervisor is None or supervisor.state != "active":
+            raise self.unavailable(instance_id)
+        from fsm_hub.mcp.upstream import McpClient
+
+        return McpClient(
+            supervisor.url,
+            session=self._http,
+            timeout=self.timing.call_timeout,
+            client_info=client_info,
+            capabilities=capabilities,
+            on_message=on_message,
+        )
+
+    def handshake(self, instance_id: str) -> dict[str, Any]:
+        """What the instance said in the supervisor's handshake: capabilities, serverInfo, instructions."""
+        supervisor = self._supervisors.get(instance_id)
+        client = supervisor.client if supervisor is not None else None
+        if client is None:
+            return {}
+        return {
+            "capabilities": getattr(client, "capabilities", {}),
+            "serverInfo": getattr(client, "server_info", {}),
+            "instructions": getattr(client, "instructions", None),
+        }
+
+    def sleep(self, seconds: float) -> Any:
+        """The injected sleeper, for timers of the layers above (GET stream backoff)."""
+        return self._sleep(seconds)
+
+    def instance_failed(self, instance_id: str) -> None:
+        """A client's own session hit a transport error: have the supervisor ping now."""
+        supervisor = self._supervisors.get(instance_id)
+        if supervisor is not None and supervisor.running:
+            supervisor.send(CheckNow())
+
+    def instance_tools_changed(self, instance_id: str) -> None:
+        """A client's own session saw tools/list_changed: refresh the shared tool cache."""
+        supervisor = self._supervisors.get(instance_id)
+        if supervisor is not None and supervisor.running:
+            supervisor.send(RefreshTools())
 
     async def request(
         self,
@@ -548,5 +819,7 @@ class Hub:
             "instances_dir": str(self.discovery.directory),
             "instances_dir_refused": self.discovery.refused,
             "discovering": not self.discovered.is_set(),
+            "config": str(self.configured.path) if self.configured is not None else None,
+            "config_problem": self.configured.problem if self.configured is not None else None,
             "version": __version__,
         }

@@ -16,8 +16,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from fsm_hub.core.machine import InstanceMachine
-from fsm_hub.errors import InstanceUnavailable, LogUnwritable, StoreError, TransportError
-from fsm_hub.mcp.protocol import as_call_tool_result
+from fsm_hub.errors import (
+    InstanceUnavailable,
+    LocalResourceError,
+    LogUnwritable,
+    StoreError,
+    TransportError,
+)
+from fsm_hub.mcp.protocol import as_call_tool_result, usable_tools
+from fsm_hub.mcp.upstream import McpClient
 from fsm_hub.store.recorder import fire
 
 log = logging.getLogger(__name__)
@@ -25,6 +32,16 @@ T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
 OnMessage = Callable[[dict[str, Any]], Any]
 TOOLS_CHANGED = "notifications/tools/list_changed"
+LOCAL_BACKOFF = 1.0
+"""Seconds before a ping or connect that failed for lack of the hub's own resources is retried."""
+
+LISTS_CHANGED = frozenset(
+    {TOOLS_CHANGED, "notifications/resources/list_changed", "notifications/prompts/list_changed"}
+)
+"""Notifications that make the supervisor refresh (tools) and tell the sessions (all three)."""
+FOLD_LIMIT = 100
+"""List changes folded into one pending refresh before the GET stream is no longer read until
+that refresh starts: a storm then costs what the socket lets through, not the hub's CPU."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +65,10 @@ class Timing:
     """Appends of one transition tried (with backoff) before the log counts as unwritable."""
     record_backoff: float = 0.05
     """First pause between those appends; doubles each time."""
+    refresh_interval: float = 0.5
+    """Pause after a refresh before the next one, when list changes arrived during it: an
+    instance announcing changes in a tight loop costs one refresh per interval, not one per
+    announcement."""
 
 
 DEFAULT_TIMING = Timing()
@@ -118,7 +139,7 @@ class Remove:
 
 @dataclass(frozen=True, slots=True)
 class RefreshTools:
-    """The instance said its tool list changed."""
+    """The instance said its tool list changed (folded into one pending refresh, never queued)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +164,7 @@ class Supervisor:
         sleep: Sleep = timer,
         rng: random.Random | None = None,
         on_change: Callable[[Supervisor], None] = lambda _: None,
+        admission: asyncio.Semaphore | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.url = url
@@ -155,11 +177,26 @@ class Supervisor:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._on_change = on_change
+        self._admission = admission
+        """Bounds how many instances start at once (spawned stdio servers); waiting for a slot
+        is not part of the connect timeout."""
         self._client: InstanceClient | None = None
         self._listener: asyncio.Task[None] | None = None
         self._inbox: deque[Command] = deque()
+        """Rediscover, Remove and CheckNow only: list changes never queue (see `_changed_lists`)."""
+        self._refresh: asyncio.Task[None] | None = None
+        """The one refresh running (or pausing between two), a child task the loop never awaits."""
+        self._refresh_tools_pending = False
+        self._lists_pending = False
+        """List changes that arrived while `_refresh` runs: folded here, taken by its next round."""
+        self._folded = 0
+        self._next_round: asyncio.Future[None] | None = None
+        """What the GET stream's reader waits for once FOLD_LIMIT changes are folded."""
+        self._reported_garbage = False
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._starved = False
+        """A ping or connect failed for lack of our own resources, and none has got through since."""
         machine.add_listener(self)  # type: ignore[no-untyped-call]  # for on_enter_active
 
     # -- outside world ----------------------------------------------------------------------
@@ -167,6 +204,11 @@ class Supervisor:
     @property
     def state(self) -> str:
         return str(self.machine.model.state)
+
+    @property
+    def client(self) -> InstanceClient | None:
+        """The supervisor's own client (health, tool cache) while connected; sessions have theirs."""
+        return self._client
 
     @property
     def running(self) -> bool:
@@ -177,6 +219,11 @@ class Supervisor:
         return self._task
 
     def send(self, command: Command) -> None:
+        if isinstance(command, RefreshTools):
+            self._changed_lists(tools=True)
+            return
+        if isinstance(command, CheckNow) and CheckNow() in self._inbox:
+            return  # one ping answers every failed call waiting for it
         self._inbox.append(command)
         self._wake()
 
@@ -261,19 +308,35 @@ class Supervisor:
             await self._handle(command)
 
     async def _connect(self) -> None:
+        if self._admission is None:
+            await self._connect_now()
+            return
+        async with self._admission:
+            await self._connect_now()
+
+    async def _connect_now(self) -> None:
         client = self._connector(self.url)
         try:
             tools = await self._within(self._handshake(client), self.timing.connect_timeout, "handshake")
         except asyncio.CancelledError:
             await _close_quietly(client)  # the hub is stopping: leave no session behind
             raise
+        except LocalResourceError as exc:  # our fds/memory ran out: no evidence, try again soon
+            await _close_quietly(client)
+            self._starving(exc)
+            command = await self._wait(LOCAL_BACKOFF)
+            if command is not None:
+                await self._handle(command)
+            return  # still connecting (unless the command moved it): the next step connects again
         except Exception as exc:  # whatever the instance did wrong, it is a failed connect
+            self._fed()
             self.last_error = _describe(exc)
             try:
                 await self._fire("connect_failed", reason="handshake failed", error=self.last_error)
             finally:
                 await _close_quietly(client)
             return
+        self._fed()
         version = client.protocol_version or "?"
         try:
             # `on_enter_active` installs the session as the machine enters `active`: after the
@@ -296,7 +359,7 @@ class Supervisor:
 
     async def _handshake(self, client: InstanceClient) -> list[dict[str, Any]]:
         await client.initialize()
-        return await client.list_tools()
+        return self._usable(await client.list_tools())
 
     async def _watch(self) -> None:
         """Active: ping every interval; `ping_misses` misses in a row make it lost."""
@@ -304,20 +367,28 @@ class Supervisor:
         assert client is not None
         session = client.session_id
         misses = 0
+        delay = self.timing.ping_interval
         while self.state == "active":
-            command = await self._wait(self.timing.ping_interval, active=True)
-            if isinstance(command, Rediscover | Remove | RefreshTools):
+            command = await self._wait(delay, active=True)
+            delay = self.timing.ping_interval
+            if isinstance(command, Rediscover | Remove):
                 await self._handle(command)
                 continue
             try:
                 await self._within(client.ping(self.timing.ping_timeout), self.timing.ping_timeout, "ping")
+            except LocalResourceError as exc:  # says nothing about the instance: neither miss nor answer
+                self._starving(exc)
+                delay = LOCAL_BACKOFF
+                continue
             except Exception as exc:
+                self._fed()
                 misses += 1
                 if misses >= self.timing.ping_misses:
                     self.last_error = _describe(exc)
                     await self._fire("lost", reason=f"{misses} pings missed", error=self.last_error)
                     await self._disconnect()
                 continue
+            self._fed()
             misses = 0
             if client.session_id != session:
                 # The client re-initialized a lost session: the GET stream and any
@@ -325,7 +396,7 @@ class Supervisor:
                 session = client.session_id
                 await self._stop_listening()
                 self._listen(client)
-                await self._refresh_tools()
+                self._changed_lists(tools=True)
 
     async def _handle(self, command: Command) -> None:
         if isinstance(command, Rediscover):
@@ -361,15 +432,102 @@ class Supervisor:
         if notify:
             self._on_change(self)
 
-    async def _refresh_tools(self) -> None:
-        client = self._client
+    # -- list changes: coalesced, beside the loop ------------------------------------------
+
+    def _changed_lists(self, *, tools: bool) -> None:
+        """The instance said a list changed: start the one refresh, or fold this into its next round.
+
+        The refresh runs in a child task so that pings, Remove and Rediscover never wait behind
+        it, and a storm of announcements costs one flag, not one queued command each.
+        """
+        if self._client is None or self.state != "active":
+            return  # stale: the next handshake lists the tools anyway
+        if self._refresh is not None:
+            self._refresh_tools_pending |= tools
+            self._lists_pending = True
+            self._folded += 1
+            return
+        self._refresh = asyncio.create_task(
+            self._refreshing(self._client, tools), name=f"refresh-{self.instance_id}"
+        )
+        self._refresh.add_done_callback(self._refresh_done)
+
+    async def _refreshing(self, client: InstanceClient, tools: bool) -> None:
+        while True:
+            self._refresh_tools_pending = self._lists_pending = False
+            self._start_round()
+            if tools:
+                await self._refresh_tools(client)
+            else:
+                self._on_change(self)
+            if not self._lists_pending:
+                return
+            await self._sleep(self.timing.refresh_interval)
+            tools = self._refresh_tools_pending
+
+    def _start_round(self) -> None:
+        """A refresh round starts (or refreshing ends): folding starts over, the reader goes on."""
+        self._folded = 0
+        waiting, self._next_round = self._next_round, None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+
+    def _refresh_done(self, task: asyncio.Task[None]) -> None:
+        if self._refresh is task:
+            self._refresh = None
+            self._start_round()
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("refreshing the lists of %s failed: %s", self.instance_id, task.exception())
+
+    async def _stop_refreshing(self) -> None:
+        refresh, self._refresh = self._refresh, None
+        if refresh is not None:
+            refresh.cancel()
+            await asyncio.wait([refresh])
+        self._start_round()
+
+    async def _refresh_tools(self, client: InstanceClient | None = None) -> None:
+        client = client or self._client
         if client is None:
             return
         try:
-            self.tools = await self._within(client.list_tools(), self.timing.connect_timeout, "tools/list")
+            tools = await self._within(client.list_tools(), self.timing.connect_timeout, "tools/list")
         except Exception as exc:  # the next ping decides whether the instance is still there
             log.warning("refreshing tools of %s failed: %s", self.instance_id, _describe(exc))
+        else:
+            if client is not self._client:
+                return  # disconnected meanwhile: the list belongs to a closed session
+            self.tools = self._usable(tools)
         self._on_change(self)
+
+    def _starving(self, exc: LocalResourceError) -> None:
+        """One warning per episode of local resource failures, however many pings it lasts."""
+        if not self._starved:
+            self._starved = True
+            log.warning(
+                "fsm-hub: %s not checked, the hub is out of resources (%s); no transition recorded, "
+                "retrying every %gs", self.instance_id, _describe(exc), LOCAL_BACKOFF,
+            )
+
+    def _fed(self) -> None:
+        """A ping or connect got an answer or a failure of the instance's own: the episode is over."""
+        if self._starved:
+            self._starved = False
+            log.warning("fsm-hub: %s can be checked again, the hub has resources back", self.instance_id)
+
+    def _usable(self, tools: list[Any]) -> list[dict[str, Any]]:
+        """`tools` without the entries no client could use, said once per instance."""
+        usable, dropped = usable_tools(tools)
+        if dropped and not self._reported_garbage:
+            self._reported_garbage = True
+            log.warning(
+                "instance %s listed %d invalid tool entr%s (%s); left out",
+                self.instance_id,
+                len(dropped),
+                "y" if len(dropped) == 1 else "ies",
+                "; ".join(dropped[:3]),
+            )
+        return usable
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -431,12 +589,33 @@ class Supervisor:
         return result
 
     def _notice(self, message: dict[str, Any]) -> None:
-        if message.get("method") == TOOLS_CHANGED:
-            self.send(RefreshTools())
+        method = message.get("method")
+        if method in LISTS_CHANGED:
+            self._changed_lists(tools=method == TOOLS_CHANGED)
+
+    def _heard(self, message: dict[str, Any]) -> asyncio.Future[None] | None:
+        """`_notice` for a stream of notifications only (HTTP's GET stream), which may be paused.
+
+        Past FOLD_LIMIT folded changes the answer is a future the stream's reader awaits (the
+        upstream client awaits what a receiver returns): it stops reading until the next refresh
+        round, and TCP slows the instance down instead of the hub parsing every announcement.
+        """
+        self._notice(message)
+        if self._folded <= FOLD_LIMIT:
+            return None
+        if self._next_round is None:
+            self._next_round = asyncio.get_running_loop().create_future()
+        return self._next_round
 
     def _listen(self, client: InstanceClient) -> None:
-        """Follow the instance's GET stream (if it offers one) for list_changed."""
-        self._listener = client.listen(self._notice)
+        """Follow the instance's notifications for list changes.
+
+        Over HTTP that is the GET stream, which nothing else shares: it may be paused in a storm.
+        A stdio instance's notifications share one pipe with the answers (pings, tools/list), so
+        its reader is never paused there; its storms are still coalesced.
+        """
+        receiver = self._heard if isinstance(client, McpClient) else self._notice
+        self._listener = client.listen(receiver)
         self._listener.add_done_callback(_retrieve)
 
     async def _stop_listening(self) -> None:
@@ -447,6 +626,7 @@ class Supervisor:
 
     async def _disconnect(self) -> None:
         await self._stop_listening()
+        await self._stop_refreshing()
         client, self._client = self._client, None
         self.tools = None
         if client is not None:

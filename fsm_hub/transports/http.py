@@ -24,6 +24,7 @@ from aiohttp import web
 
 from fsm_hub.mcp import jsonrpc, sse
 from fsm_hub.mcp.jsonrpc import (
+    INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     JsonRpcDecodeError,
@@ -44,6 +45,10 @@ __all__ = ["RELAYED_HEADER", "SESSION_HEADER", "HttpEndpoint", "HttpLimits", "is
 RELAYED_HEADER: Final = "X-Fsm-Hub-Relayed"
 """Sent by an attached `serve --http` on the private endpoint: its sessions are HTTP clients'
 (whose GET streams come and go), not a bridge's."""
+INSTANCE_PATH: Final = "/instances/{ref}/mcp"
+"""A per-instance endpoint: that instance's own MCP, unprefixed, no hub tools."""
+PRIMING_RETRY_MS: Final = 1000
+"""The reconnection delay a per-instance endpoint's priming event suggests."""
 BACKLOG: Final = 256
 """Server messages a session keeps while no GET stream is open to carry them (oldest dropped)."""
 
@@ -124,6 +129,7 @@ class HttpEndpoint:
         self._runner: web.AppRunner | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping = False
+        self._primed = 0
 
     def __repr__(self) -> str:
         kind = "private" if self.token is not None else "public"
@@ -138,6 +144,10 @@ class HttpEndpoint:
         app.router.add_post("/mcp", self._post)
         app.router.add_get("/mcp", self._get)
         app.router.add_delete("/mcp", self._delete)
+        # Per-instance endpoints (issue 8): one instance, transparent, the same checks.
+        app.router.add_post(INSTANCE_PATH, self._post)
+        app.router.add_get(INSTANCE_PATH, self._get)
+        app.router.add_delete(INSTANCE_PATH, self._delete)
         if self.token is None:  # the public endpoint also serves the dashboard at /
             Dashboard(self.hub, self._refusal).register(app)
         self._runner, self.port = await start_guarded(app, self.host, self.port, self.connections)
@@ -211,7 +221,7 @@ class HttpEndpoint:
                 400,
             )
         entry = self.sessions.get(session_id)
-        if entry is None:
+        if entry is None or entry.session.instance_ref != request.match_info.get("ref"):
             return _json(error_response(request_id, INVALID_REQUEST, "Session not found"), 404)
         return entry
 
@@ -252,8 +262,10 @@ class HttpEndpoint:
                 refusal = _json(error_response(message.get("id"), INVALID_REQUEST, full), 503)
                 refusal.headers["Retry-After"] = "5"
                 return refusal
-            entry = self._new_session()
+            entry = self._new_session(request.match_info.get("ref"))
             entry.ends_with_stream = self.token is not None and RELAYED_HEADER not in request.headers
+            if entry.session.instance_ref is not None:
+                return await self._initialize_instance(request, entry, message)
         else:
             found = self._session(request, message)
             if isinstance(found, web.Response):
@@ -271,33 +283,73 @@ class HttpEndpoint:
         if not needs_answer(message):
             await entry.session.handle(message)
             return web.Response(status=202, headers=headers)
-        if _wants_progress(message):
-            return await self._answer_as_stream(request, entry, message, headers)
-        answer = await entry.session.handle(message)
-        if answer is None:  # cancelled by the client
-            return web.Response(status=202, headers=headers)
-        return web.Response(body=jsonrpc.encode_answer(answer), content_type=JSON, headers=headers)
-
-    async def _answer_as_stream(
-        self, request: web.Request, entry: HttpSession, message: Any, headers: dict[str, str]
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(headers={**headers, "Content-Type": SSE, "Cache-Control": "no-cache"})
-        await response.prepare(request)
+        # Plain JSON unless the request sends something first (progress, logs, an instance's
+        # sampling or elicitation request): then the answer becomes an SSE stream carrying it.
+        # A tool call on a per-instance endpoint is always an SSE answer opening with a priming
+        # event (SEP-1699), as the instance's own would be.
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        token = request_emit.set(queue.put_nowait)
+        first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def emit(sent: dict[str, Any]) -> None:
+            queue.put_nowait(sent)
+            if not first.done():
+                first.set_result(None)
+
+        token = request_emit.set(emit)
         try:
             work = asyncio.ensure_future(entry.session.handle(message))
         finally:
             request_emit.reset(token)
+        work.add_done_callback(functools.partial(_settle, first))
+        prime = entry.session.instance_ref is not None and _is_tool_call(message)
+        try:
+            await asyncio.shield(first)
+        except asyncio.CancelledError:
+            work.add_done_callback(retrieve)  # a disconnect is not a cancellation
+            raise
+        if work.done() and queue.empty():
+            answer = work.result()
+            if answer is None:  # cancelled by the client
+                return web.Response(status=202, headers=headers)
+            if prime:  # the whole stream at once: as cheap as JSON
+                body = self._priming() + _sse(answer)
+                stream_headers = {**headers, "Content-Type": SSE, "Cache-Control": "no-cache"}
+                return web.Response(body=body, headers=stream_headers)
+            return web.Response(body=jsonrpc.encode_answer(answer), content_type=JSON, headers=headers)
+        return await self._answer_as_stream(request, work, queue, headers, prime=prime)
+
+    def _priming(self) -> bytes:
+        """A priming event (SEP-1699): an id and a reconnection delay, no data."""
+        self._primed += 1
+        return f"id: {self._primed}\nretry: {PRIMING_RETRY_MS}\ndata:\n\n".encode()
+
+    async def _answer_as_stream(
+        self,
+        request: web.Request,
+        work: asyncio.Future[Any],
+        queue: asyncio.Queue[dict[str, Any]],
+        headers: dict[str, str],
+        *,
+        prime: bool = False,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={**headers, "Content-Type": SSE, "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        if prime:
+            await response.write(self._priming())
         getter: asyncio.Future[dict[str, Any]] | None = None
         try:
             while True:
+                while not queue.empty():
+                    await response.write(_sse(queue.get_nowait()))
+                if work.done():
+                    break
                 getter = asyncio.ensure_future(queue.get())
                 await asyncio.wait((work, getter), return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
                     await response.write(_sse(getter.result()))
-                if work.done() and queue.empty():
-                    break
+                else:
+                    getter.cancel()
+                getter = None
         finally:
             if getter is not None:
                 getter.cancel()
@@ -363,10 +415,30 @@ class HttpEndpoint:
         await found.close("client ended the session")
         return web.Response(status=200)
 
-    def _new_session(self) -> HttpSession:
+    async def _initialize_instance(
+        self, request: web.Request, entry: HttpSession, message: dict[str, Any]
+    ) -> web.StreamResponse:
+        """`initialize` on a per-instance endpoint: no session unless the instance answers it."""
+        entry.requests += 1
+        try:
+            answer = await entry.session.handle(message)
+        finally:
+            entry.requests -= 1
+            entry.last_seen = self.clock()
+        if isinstance(answer, dict) and "error" in answer:
+            self.sessions.pop(entry.session.id, None)
+            await entry.close("initialize failed")
+            unknown = answer["error"].get("code") == INVALID_PARAMS
+            refusal = _json(answer, 404 if unknown else 503)
+            if not unknown:
+                refusal.headers["Retry-After"] = "1"  # not active now: a client may retry
+            return refusal
+        return _json_with(answer, {SESSION_HEADER: entry.session.id})
+
+    def _new_session(self, instance: str | None = None) -> HttpSession:
         session_id = secrets.token_hex(16)
         outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        session = Session(self.hub, session_id, functools.partial(_keep, outbox))
+        session = Session(self.hub, session_id, functools.partial(_keep, outbox), instance=instance)
         entry = HttpSession(session, outbox, self.clock())
         self.sessions[session_id] = entry
         return entry
@@ -472,6 +544,10 @@ def _json(message: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(body=jsonrpc.encode_answer(message), content_type=JSON, status=status)
 
 
+def _json_with(message: Any, headers: dict[str, str]) -> web.Response:
+    return web.Response(body=jsonrpc.encode_answer(message), content_type=JSON, headers=headers)
+
+
 def _refuse(message: dict[str, Any], status: int) -> web.Response:
     """A refusal that also ends the connection: whatever body the client meant to send is never read."""
     refusal = _json(message, status)
@@ -479,12 +555,13 @@ def _refuse(message: dict[str, Any], status: int) -> web.Response:
     return refusal
 
 
-def _wants_progress(message: Any) -> bool:
-    if not isinstance(message, dict) or message.get("method") != "tools/call":
-        return False
-    params = message.get("params")
-    meta = params.get("_meta") if isinstance(params, dict) else None
-    return isinstance(meta, dict) and "progressToken" in meta
+def _is_tool_call(message: Any) -> bool:
+    return isinstance(message, dict) and message.get("method") == "tools/call"
+
+
+def _settle(first: asyncio.Future[None], _: object) -> None:
+    if not first.done():
+        first.set_result(None)
 
 
 def _keep(outbox: asyncio.Queue[dict[str, Any]], message: dict[str, Any]) -> None:

@@ -77,11 +77,11 @@ async def hub(lab: Lab, *, fd_limit: int | None = None) -> AsyncIterator[tuple[H
         "--instances-dir",
         str(lab.instances_dir),
     ]
-    # Pings every 30 s: what is under test is what discovery makes of the directory.
+    # Pings every second: pings failing for lack of fds must record nothing either.
     stderr = lab.root / "hub-stderr.log"
     with stderr.open("wb") as sink:
         process = await asyncio.create_subprocess_exec(
-            FSM_HUB, *args, "--ping-interval", "30",
+            FSM_HUB, *args, "--ping-interval", "1",
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink, preexec_fn=limit,
         )  # fmt: skip
     running = HubProcess(process, stderr)

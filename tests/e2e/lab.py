@@ -15,7 +15,7 @@ from typing import Any
 import mcp_types
 from mcp.client.stdio import StdioServerParameters
 
-from tests.servers.launch import spawn_sdk_server
+from tests.servers.launch import spawn_fault_server, spawn_sdk_server
 
 FSM_HUB = str(Path(sys.executable).with_name("fsm-hub"))
 FAST = [
@@ -54,6 +54,14 @@ class Lab:
 
     def start(self, instance_id: str, name: str) -> Instance:
         process, url = spawn_sdk_server(self.root / f"{instance_id}-{len(self.processes)}.log")
+        self.processes.append(process)
+        instance = Instance(instance_id, name, process, url)
+        self.announce(instance)
+        return instance
+
+    def start_fault(self, instance_id: str, name: str, mode: str) -> Instance:
+        """A fault server (tests.servers.faults, `mode`) announced like an instance."""
+        process, url = spawn_fault_server(self.root / f"{instance_id}-{len(self.processes)}.log", mode)
         self.processes.append(process)
         instance = Instance(instance_id, name, process, url)
         self.announce(instance)

@@ -29,7 +29,7 @@ async def test_hub_routes_a_session_and_records_why_instances_die_and_return(lab
         assert {i["name"]: i["state"] for i in listed} == {"api": "active", "web": "active"}
         assert set(listed[0]) == {
             "id", "name", "directory", "port", "url", "pid", "state", "since",
-            "retry_count", "last_error", "sessions",
+            "retry_count", "last_error", "sessions", "kind", "source",
         }  # fmt: skip
 
         tools = {t.name for t in (await client.list_tools()).tools}

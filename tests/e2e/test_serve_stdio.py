@@ -128,8 +128,7 @@ async def test_a_session_routed_to_an_instance_that_dies(
         changes = heard.tools_changed
         api.process.kill()
         api.process.wait()
-        await eventually(lambda: heard.tools_changed > changes)  # it left active
-        await eventually(lambda: _lists(client, *HUB_TOOLS, only=True))
+        # while it retries its tools stay listed (grace); once dead they are withdrawn
         await eventually(lambda: _seen(client, seen, "retrying"), 10)
         started = time.perf_counter()
         unavailable = await client.call_tool("echo", {"text": "anyone?"})
@@ -139,8 +138,11 @@ async def test_a_session_routed_to_an_instance_that_dies(
         text = unavailable.content[0].text
         assert text.startswith(f"instance {api.id} is ") and "last error:" in text
         await eventually(lambda: _seen(client, seen, "dead"), 10)
+        await eventually(lambda: heard.tools_changed > changes)
+        await eventually(lambda: _lists(client, *HUB_TOOLS, only=True))
         dead = await client.call_tool("echo", {"text": "anyone?"})
-        assert dead.is_error and f"instance {api.id} is dead; last error: " in dead.content[0].text
+        expected = f"instance {api.id} is dead (3 connect attempts failed); last error: "
+        assert dead.is_error and expected in dead.content[0].text
         listed = (await client.call_tool("instances_list", {})).structured_content["instances"]
         assert listed[0]["state"] == "dead" and listed[0]["last_error"] and listed[0]["retry_count"] == 3
         assert len(listed[0]["sessions"]) == 1  # still bound

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import socket
 import struct
@@ -77,6 +78,12 @@ class FakeMcp:
     """Tool name → the raw JSON text its tools/call result is written as (NaN, 1e999, deep nesting)."""
     keep_open: bool = False
     """SSE streams stay open after the response (a leak the client must not share)."""
+    storm: bool = False
+    """The GET stream sends tools/resources/prompts list_changed in a tight loop, forever."""
+    tool_entries: Sequence[Any] | None = None
+    """tools/list answers exactly these entries (garbage included) instead of ``tool_pages``."""
+    stormed: int = 0
+    """list_changed notifications written by the storm so far."""
 
     requests: list[Recorded] = field(default_factory=list)
     live_sessions: dict[str, int] = field(default_factory=dict)
@@ -182,6 +189,8 @@ class FakeMcp:
             return "error", {"code": -32601, "message": "Method not found"}
         if method == "ping":
             return "result", {}
+        if method == "tools/list" and self.tool_entries is not None:
+            return "result", {"tools": list(self.tool_entries)}
         if method == "tools/list":
             return "result", self._tools_page(params.get("cursor"))
         if method == "tools/call":
@@ -214,8 +223,8 @@ class FakeMcp:
             return web.Response(text=body, content_type="application/json")
         stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await stream.prepare(request)
-        for text in self.prelude:
-            await stream.write(text.replace("\n", self.line_end).encode())
+        for before in self.prelude:
+            await stream.write(before.replace("\n", self.line_end).encode())
         if self.cut == "abort":
             await stream.write(b'event: message\ndata: {"jsonrpc":"2.0","id"')
             assert request.transport is not None
@@ -235,6 +244,8 @@ class FakeMcp:
         stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await stream.prepare(request)
         await stream.write(b": stream open\n\n")
+        if self.storm:
+            return await self._storm(stream)
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
             while True:
@@ -246,6 +257,34 @@ class FakeMcp:
                 await stream.write(f"data: {json.dumps(message.result())}\n\n".encode())
         finally:
             stopping.cancel()
+
+    async def _storm(self, stream: web.StreamResponse) -> web.StreamResponse:
+        """Announce list changes as fast as the connection takes them, until stopped or cut off."""
+        chunk = b"".join(f"data: {json.dumps(n)}\n\n".encode() for n in STORM_BURST)
+        with contextlib.suppress(ConnectionResetError):  # the client went away
+            while not self._stopping.is_set():
+                await stream.write(chunk)  # waits only when the socket's buffer is full
+                self.stormed += len(STORM_BURST)
+                await asyncio.sleep(0)  # still answers pings and calls: healthy, only noisy
+        return stream
+
+
+STORM_BURST = [
+    {"jsonrpc": "2.0", "method": f"notifications/{kind}/list_changed"}
+    for kind in ("tools", "tools", "resources", "tools", "prompts")
+] * 20
+"""One write of the storm: 100 list changes, mostly of tools."""
+
+GARBAGE_TOOLS: list[Any] = [
+    "not an object",
+    {"description": "no name", "inputSchema": {"type": "object"}},
+    {"name": 42, "inputSchema": {"type": "object"}},
+    {"name": "echo", "inputSchema": {"type": "object"}},
+    None,
+    {"name": None, "inputSchema": {"type": "object"}},
+    {"name": "no_schema"},
+]
+"""A tool list with one usable tool (``echo``) among entries no client can use."""
 
 
 class Hang:
@@ -335,6 +374,8 @@ MODES: dict[str, Callable[[], FakeMcp]] = {
     "garbage": lambda: FakeMcp(garbage=True),
     "sse-cut": lambda: FakeMcp(sse=True, prelude=PRELUDE[3:4], cut="abort"),
     "get-stream": lambda: FakeMcp(get_stream=True),
+    "storm": lambda: FakeMcp(get_stream=True, storm=True),
+    "garbage-tools": lambda: FakeMcp(tool_entries=GARBAGE_TOOLS),
 }
 
 

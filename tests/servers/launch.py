@@ -33,9 +33,18 @@ def spawn_sdk_server(
         for flag, on in (("--json", json), ("--stateless", stateless), ("--event-store", event_store))
         if on
     ]
+    return _spawn("tests.servers.sdk_server", port, flags, log)
+
+
+def spawn_fault_server(log: Path, mode: str) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``python -m tests.servers.faults --mode MODE``; return once its port accepts connections."""
+    return _spawn("tests.servers.faults", free_port(), ["--mode", mode], log)
+
+
+def _spawn(module: str, port: int, flags: list[str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
     with log.open("wb") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "tests.servers.sdk_server", "--port", str(port), *flags],
+            [sys.executable, "-m", module, "--port", str(port), *flags],
             cwd=REPO_ROOT,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
@@ -71,3 +80,4 @@ def stop(processes: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+

@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,12 +23,14 @@ from freezegun import freeze_time
 
 from fsm_hub.core.events import EventType, format_time
 from fsm_hub.core.view import fold
-from fsm_hub.errors import InstanceUnavailable, TransportError
+from fsm_hub.errors import InstanceUnavailable, LocalResourceError, TransportError
 from fsm_hub.mcp.protocol import LATEST as PROTOCOL_VERSION
 from fsm_hub.mcp.upstream import McpClient
 from fsm_hub.store.recorder import recorded_machine
 from fsm_hub.store.sqlite import EventStore
 from fsm_hub.supervision.supervisor import (
+    FOLD_LIMIT,
+    LOCAL_BACKOFF,
     CheckNow,
     Connector,
     Rediscover,
@@ -36,7 +39,7 @@ from fsm_hub.supervision.supervisor import (
     Supervisor,
     Timing,
 )
-from tests.servers.faults import PRELUDE, FakeMcp, refused_url
+from tests.servers.faults import GARBAGE_TOOLS, PRELUDE, FakeMcp, refused_url
 from tests.servers.flaky import FlakyMcp
 from tests.servers.launch import SdkServerFactory, spawn_sdk_server, stop
 from tests.supervision import (
@@ -167,14 +170,22 @@ async def test_a_call_that_adds_a_tool_refreshes_the_cached_list(
     assert await transitions(store, ID) == CONNECT
 
 
-async def test_list_changed_on_the_get_stream_refreshes_the_cached_list(
-    fake_mcp: FakeFactory, supervise: Supervise, clock: ManualClock, store: EventStore
-) -> None:
+async def watched(
+    fake_mcp: FakeFactory, supervise: Supervise, clock: ManualClock
+) -> tuple[FakeMcp, Supervisor, list[str]]:
+    """An active supervisor of a fake with a GET stream, and the states it told listeners since."""
     fake = await fake_mcp(get_stream=True)
     changes: list[str] = []
     supervisor = await supervise(fake.url, on_change=lambda s: changes.append(s.state))
     await active(clock)
     changes.clear()
+    return fake, supervisor, changes
+
+
+async def test_list_changed_on_the_get_stream_refreshes_the_cached_list(
+    fake_mcp: FakeFactory, supervise: Supervise, clock: ManualClock, store: EventStore
+) -> None:
+    fake, supervisor, changes = await watched(fake_mcp, supervise, clock)
 
     fake.tool_pages = (("echo", "later"),)
     fake.push({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
@@ -570,3 +581,215 @@ async def test_stop_closes_the_session_and_leaves_no_task(
     assert clock.sleeping() == []
     await eventually(lambda: fsm_hub_tasks() == [], 2, "no task left")
 
+
+
+# -- storms: list changes are coalesced -----------------------------------------------------
+
+LOOP = f"supervise-{ID}"
+REFRESH = f"refresh-{ID}"
+
+
+async def storming(
+    fake_mcp: FakeFactory, supervise: Supervise, clock: ManualClock
+) -> tuple[FakeMcp, Supervisor]:
+    """An active supervisor of an instance announcing list changes in a tight loop, already
+    refreshed once and pausing before the next refresh (the storm went on during the first)."""
+    fake = await fake_mcp(get_stream=True, storm=True)
+    supervisor = await supervise(fake.url)
+    await active(clock)
+    await eventually(
+        lambda: fake.stormed > 2000 and clock.sleeping(REFRESH) == [TIMING.refresh_interval],
+        what=lambda: f"a storm ({fake.stormed} sent) and a pause ({clock.sleeping(REFRESH)})",
+    )
+    return fake, supervisor
+
+
+async def test_a_storm_costs_one_refresh_per_interval(
+    fake_mcp: FakeFactory, supervise: Supervise, clock: ManualClock, store: EventStore
+) -> None:
+    fake, supervisor = await storming(fake_mcp, supervise, clock)
+    assert len(fake.posted("tools/list")) == 2  # the handshake's, then one refresh for thousands
+    # Past FOLD_LIMIT folded changes the GET stream is not read until the next round starts.
+    await eventually(lambda: supervisor._folded == FOLD_LIMIT + 1, what=lambda: str(supervisor._folded))
+    await asyncio.sleep(0.05)
+    assert supervisor._folded == FOLD_LIMIT + 1 and supervisor._next_round is not None
+
+    for expected in (3, 4, 5):
+        clock.advance(TIMING.refresh_interval)
+        await eventually(lambda n=expected: len(fake.posted("tools/list")) == n)
+        await eventually(lambda: clock.sleeping(REFRESH) == [TIMING.refresh_interval])
+        assert len(fake.posted("tools/list")) == expected
+    assert clock.sleeping(LOOP) == [TIMING.ping_interval]  # the ping schedule never moved
+    assert await transitions(store, ID) == CONNECT
+    assert supervisor._inbox == deque()  # nothing queued behind the storm
+
+
+async def test_pings_keep_their_schedule_and_a_lost_instance_is_lost_during_a_storm(
+    fake_mcp: FakeFactory, supervise: Supervise, clock: ManualClock, store: EventStore
+) -> None:
+    fake, supervisor = await storming(fake_mcp, supervise, clock)
+    assert await clock.next_sleep(LOOP) == TIMING.connect_timeout  # seen by active() already
+    assert await clock.next_sleep(LOOP) == TIMING.ping_interval
+    for _ in range(2):  # healthy pings while it storms
+        clock.advance(TIMING.ping_interval)
+        assert await clock.next_sleep(LOOP) == TIMING.ping_timeout
+        assert await clock.next_sleep(LOOP) == TIMING.ping_interval
+    assert len(fake.posted("ping")) == 2
+
+    fake.status = 500  # it still storms on its GET stream, but answers nothing else
+    for _ in range(TIMING.ping_misses):
+        clock.advance(TIMING.ping_interval)
+        assert await clock.next_sleep(LOOP) == TIMING.ping_timeout  # answered 500 at once: a miss
+        await clock.next_sleep(LOOP)  # the next ping's wait, or (the last miss) the backoff
+    await eventually(lambda: supervisor.state == "retrying", what=lambda: supervisor.state)
+    assert await transitions(store, ID) == [*CONNECT, *LOST]
+    assert clock.sleeping(REFRESH) == []  # the pending refresh went with the session
+
+
+async def test_remove_during_a_storm_is_taken_at_once(
+    fake_mcp: FakeFactory, supervise: Supervise, clock: ManualClock, store: EventStore,
+    committed: Committed,
+) -> None:
+    fake, supervisor = await storming(fake_mcp, supervise, clock)
+    fake.tool_pages = (("slow",),)
+
+    supervisor.send(Remove("instance file removed"))  # no time passes: nothing waits for the refresh
+    await settled(committed, "dead")
+    await eventually(lambda: supervisor.tools is None and clock.sleeping(REFRESH) == [])
+    assert await transitions(store, ID) == [*CONNECT, ("remove", "active", "dead")]
+    assert {t.get_name() for t in fsm_hub_tasks()} == {LOOP}
+
+
+async def test_changes_before_a_refresh_starts_are_all_in_it(
+    fake_mcp: FakeFactory, supervise: Supervise, clock: ManualClock, store: EventStore
+) -> None:
+    fake, supervisor, changes = await watched(fake_mcp, supervise, clock)
+
+    for _ in range(500):  # all before the refresh asks: its answer covers every one of them
+        supervisor.send(RefreshTools())
+    await eventually(lambda: supervisor._refresh is None, what="the refresh task ended")
+    assert len(fake.posted("tools/list")) == 2 and changes == ["active"]
+    assert clock.sleeping(REFRESH) == []  # nothing came during it: no pause, nothing pending
+
+    supervisor.send(RefreshTools())  # quiet since: the next change is refreshed at once
+    await eventually(lambda: len(fake.posted("tools/list")) == 3 and supervisor._refresh is None)
+    assert changes == ["active", "active"]
+    assert await transitions(store, ID) == CONNECT
+
+
+async def test_resource_and_prompt_changes_tell_the_sessions_without_refetching_tools(
+    fake_mcp: FakeFactory, supervise: Supervise, clock: ManualClock
+) -> None:
+    fake, supervisor, changes = await watched(fake_mcp, supervise, clock)
+    tools = supervisor.tools
+
+    fake.push({"jsonrpc": "2.0", "method": "notifications/resources/list_changed"})
+    await eventually(lambda: changes == ["active"])
+    assert len(fake.posted("tools/list")) == 1 and supervisor.tools is tools
+
+
+async def test_failed_calls_fold_into_one_ping(
+    fake_mcp: FakeFactory, supervise: Supervise, clock: ManualClock
+) -> None:
+    fake = await fake_mcp()
+    supervisor = await supervise(fake.url)
+    await active(clock)
+    for _ in range(100):
+        supervisor.send(CheckNow())
+    await eventually(lambda: clock.sleeping(LOOP) == [TIMING.ping_interval] and len(fake.posted("ping")) == 1)
+    await asyncio.sleep(0.05)
+    assert len(fake.posted("ping")) == 1
+
+
+async def test_unusable_tool_entries_are_dropped_and_said_once(
+    fake_mcp: FakeFactory, supervise: Supervise, clock: ManualClock, store: EventStore,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = await fake_mcp(get_stream=True, tool_entries=GARBAGE_TOOLS)
+    supervisor = await supervise(fake.url)
+    await active(clock)
+    assert supervisor.tools == [{"name": "echo", "inputSchema": {"type": "object"}}]
+    [_, connected] = await transition_data(store, ID)
+    assert connected["reason"] == f"handshake ok (MCP {PROTOCOL_VERSION}, 1 tools)"
+
+    fake.push({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+    await eventually(lambda: len(fake.posted("tools/list")) == 2 and supervisor._refresh is None)
+    warnings = [r.getMessage() for r in caplog.records if "invalid tool" in r.getMessage()]
+    assert warnings == [
+        f"instance {ID} listed 6 invalid tool entries (entry 0: not an object but a string; "
+        "entry 1: no name; entry 2: a name that is a number, not a string); left out"
+    ]
+
+
+# -- the hub's own resources running out -------------------------------------------------------
+
+
+class StarvedClient(McpClient):
+    """A real client whose pings fail as they do when the hub has no fd left, while `starved`."""
+
+    starved = False
+
+    async def ping(self, timeout: float | None = None) -> None:
+        if StarvedClient.starved:
+            raise LocalResourceError(f"cannot connect to {self.url}: Too many open files")
+        await super().ping(timeout)
+
+
+async def test_pings_failing_for_lack_of_our_own_fds_record_nothing(
+    flaky_mcp: FlakyFactory, supervise: Supervise, clock: ManualClock, store: EventStore,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    flaky = await flaky_mcp()
+    await supervise(flaky.url, connector=StarvedClient)
+    await active(clock)
+
+    StarvedClient.starved = True
+    try:
+        clock.advance(TIMING.ping_interval)
+        for round_ in range(10):  # far more than ping_misses: none counts as a miss
+            assert await clock.next_sleep() == TIMING.ping_timeout
+            assert await clock.next_sleep() == LOCAL_BACKOFF  # retried soon, not at the interval
+            assert await transitions(store, ID) == CONNECT
+            if round_ < 9:
+                clock.advance(LOCAL_BACKOFF)
+    finally:
+        StarvedClient.starved = False
+    clock.advance(LOCAL_BACKOFF)
+    assert await clock.next_sleep() == TIMING.ping_timeout
+    assert await clock.next_sleep() == TIMING.ping_interval  # answered: back to the usual rhythm
+    assert await transitions(store, ID) == CONNECT
+    warnings = [r.getMessage() for r in caplog.records if "out of resources" in r.getMessage()]
+    assert len(warnings) == 1 and "Too many open files" in warnings[0], warnings
+
+    flaky.pause()  # once resources are back, a real failure is evidence again
+    for _ in range(2):
+        assert await ping_round(clock, hangs=True) == TIMING.ping_interval
+    await ping_round(clock, hangs=True)
+    assert await transitions(store, ID) == CONNECT + LOST
+
+
+async def test_a_connect_failing_for_lack_of_our_own_fds_is_retried_without_a_transition(
+    flaky_mcp: FlakyFactory, supervise: Supervise, clock: ManualClock, store: EventStore,
+) -> None:
+    flaky = await flaky_mcp()
+    starved = [3]
+
+    def connector(url: str) -> McpClient:
+        client = McpClient(url)
+        if starved[0]:
+            starved[0] -= 1
+
+            async def initialize(*, timeout: float | None = None) -> dict[str, Any]:
+                raise LocalResourceError(f"cannot connect to {url}: Too many open files")
+
+            client.initialize = initialize  # type: ignore[method-assign]
+        return client
+
+    await supervise(flaky.url, connector=connector)
+    for _ in range(3):
+        assert await clock.next_sleep() == TIMING.connect_timeout
+        assert await clock.next_sleep() == LOCAL_BACKOFF
+        assert await transitions(store, ID) == CONNECT[:1]
+        clock.advance(LOCAL_BACKOFF)
+    await active(clock)
+    assert await transitions(store, ID) == CONNECT
