@@ -18,6 +18,8 @@ from fsm_hub.core.machine import legal_targets
 from fsm_hub.core.view import SNAPSHOT_FORMAT, Fold, View
 
 _MAX_REPORTED = 20
+_DECODED_CACHE = 4096
+"""Distinct transition payloads kept decoded during one audit (memory stays bounded)."""
 _TRANSITION = EventType.TRANSITION.value
 _DISCOVERED = EventType.INSTANCE_DISCOVERED.value
 SnapshotLoader = Callable[[int], "tuple[int, str] | None"]
@@ -67,6 +69,7 @@ def audit(
     read with their hashes). `snapshots` (seqs, ascending) are each compared to the fold there.
     """
     legal = legal_targets()
+    decoded: dict[str, dict[str, Any] | None] = {}
     result = Audit()
     versions: dict[str, int] = {}
     states: dict[str, str] = {}
@@ -102,7 +105,7 @@ def audit(
             previous = event.hash if isinstance(event.hash, bytes) else computed
         data: dict[str, Any] | None = None
         if event.type == _TRANSITION:
-            data = _transition(event, legal, states, result)
+            data = _transition(event, legal, states, result, decoded)
         elif event.type == _DISCOVERED:
             states.setdefault(stream, "discovered")
         fold.apply_decoded(event, data)
@@ -118,9 +121,22 @@ def audit(
 
 
 def _transition(
-    event: StoredEvent, legal: dict[tuple[str, str], frozenset[str]], states: dict[str, str], result: Audit
+    event: StoredEvent,
+    legal: dict[tuple[str, str], frozenset[str]],
+    states: dict[str, str],
+    result: Audit,
+    decoded: dict[str, dict[str, Any] | None],
 ) -> dict[str, Any] | None:
-    data = decode_object(event.data_json)
+    # Payloads repeat (same event, states, reason, attempt, error): decode each text once.
+    # The decoded dicts are only read, never changed; the cache is bounded.
+    text = event.data_json
+    try:
+        data = decoded[text]
+    except KeyError:
+        data = decode_object(text)
+        if len(decoded) >= _DECODED_CACHE:
+            decoded.clear()
+        decoded[text] = data
     try:
         if data is None:
             raise TypeError
