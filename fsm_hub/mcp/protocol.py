@@ -9,12 +9,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final
 from urllib.parse import quote
 
 from fsm_hub import __version__
 from fsm_hub.discovery.directory import is_loopback_host
+from fsm_hub.errors import TransportError
 
 PROTOCOL_VERSIONS: Final = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 """Versions we speak, newest first; the wire format we use is the same for all of them."""
@@ -171,3 +172,39 @@ def accepts(accept: str, media_type: str) -> bool:
         if name in (media_type, f"{kind}/*", "*/*"):
             return True
     return False
+
+
+MAX_TOOL_PAGES: Final = 1000
+"""A server whose tools/list pages go on longer than this is looping or hostile."""
+
+
+async def list_all_tools(
+    request: Callable[[dict[str, Any] | None], Awaitable[dict[str, Any]]], who: str
+) -> list[dict[str, Any]]:
+    """Every tool of a server, following ``nextCursor`` (refusing loops and endless pages)."""
+    tools: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    params: dict[str, Any] | None = None
+    for _ in range(MAX_TOOL_PAGES):
+        result = await request(params)
+        page = result.get("tools")
+        if not isinstance(page, list):
+            raise TransportError(f"{who} answered tools/list without a tools list")
+        tools.extend(page)
+        cursor = result.get("nextCursor")
+        if not cursor:
+            return tools
+        if cursor in seen:
+            raise TransportError(f"{who} tools/list pagination loops (cursor {cursor!r})")
+        seen.add(cursor)
+        params = {"cursor": cursor}
+    raise TransportError(f"{who} tools/list has more than {MAX_TOOL_PAGES} pages")
+
+
+def call_tool_params(
+    name: str, arguments: Mapping[str, Any] | None, meta: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"name": name, "arguments": arguments or {}}
+    if meta:
+        params["_meta"] = meta
+    return params

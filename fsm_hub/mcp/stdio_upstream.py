@@ -38,7 +38,7 @@ from fsm_hub.errors import LocalResourceError, McpError, TransportError
 from fsm_hub.mcp.jsonrpc import request as _encode
 from fsm_hub.mcp.protocol import LATEST as PROTOCOL_VERSION
 from fsm_hub.mcp.protocol import PROTOCOL_VERSIONS as SUPPORTED_PROTOCOL_VERSIONS
-from fsm_hub.mcp.protocol import as_call_tool_result
+from fsm_hub.mcp.protocol import as_call_tool_result, call_tool_params, list_all_tools
 from fsm_hub.mcp.upstream import LOCAL_ERRNOS, _result_of, _snippet
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ STDERR_LINES: Final = 20
 STDERR_BYTES: Final = 4096
 DEFAULT_GRACE: Final = 2.0
 """Seconds between closing stdin and SIGTERM, and between SIGTERM and SIGKILL."""
-_MAX_TOOL_PAGES: Final = 1000
 _ORPHAN_STEP: Final = 0.05
 _EXIT_WAIT: Final = 1.0
 """After stdout ends, how long the process may take to exit before we say it closed stdout."""
@@ -378,23 +377,9 @@ class StdioClient:
 
     async def list_tools(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
         """All tools, following ``nextCursor``; ``timeout`` applies to each page."""
-        tools: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        params: dict[str, Any] | None = None
-        for _ in range(_MAX_TOOL_PAGES):
-            result = await self.request("tools/list", params, timeout=timeout)
-            page = result.get("tools")
-            if not isinstance(page, list):
-                raise TransportError(f"{self.name} answered tools/list without a tools list")
-            tools.extend(page)
-            cursor = result.get("nextCursor")
-            if not cursor:
-                return tools
-            if cursor in seen:
-                raise TransportError(f"{self.name} tools/list pagination loops (cursor {cursor!r})")
-            seen.add(cursor)
-            params = {"cursor": cursor}
-        raise TransportError(f"{self.name} tools/list has more than {_MAX_TOOL_PAGES} pages")
+        return await list_all_tools(
+            lambda params: self.request("tools/list", params, timeout=timeout), self.name
+        )
 
     async def call_tool(
         self,
@@ -406,9 +391,7 @@ class StdioClient:
         on_message: OnMessage | None = None,
     ) -> dict[str, Any]:
         """The server's CallToolResult, unchanged; a raw result gets wrapped."""
-        params: dict[str, Any] = {"name": name, "arguments": arguments or {}}
-        if meta:
-            params["_meta"] = meta
+        params = call_tool_params(name, arguments, meta)
         return as_call_tool_result(await self._call("tools/call", params, timeout, on_message))
 
     async def _call(

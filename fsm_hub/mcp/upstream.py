@@ -30,6 +30,8 @@ from fsm_hub.mcp.protocol import (
     SSE,
     VERSION_HEADER,
     as_call_tool_result,
+    call_tool_params,
+    list_all_tools,
 )
 from fsm_hub.mcp.sse import SseDecoder
 
@@ -45,7 +47,6 @@ _DELETE_TIMEOUT: Final = 1.0
 _DRAIN_TIMEOUT: Final = 1.0
 """How long a stream may stay open after its answer before we close it (one fd per call
 would otherwise be held for the whole call timeout by a server that never ends it)."""
-_MAX_TOOL_PAGES: Final = 1000
 _MAX_RESUMES: Final = 100
 """Streams one request's answer may be resumed over (each after the server's ``retry``)."""
 _RESUME_DELAY_MS: Final = 500
@@ -273,23 +274,9 @@ class McpClient:
 
     async def list_tools(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
         """All tools, following ``nextCursor``; ``timeout`` applies to each page."""
-        tools: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        params: dict[str, Any] | None = None
-        for _ in range(_MAX_TOOL_PAGES):
-            result = await self.request("tools/list", params, timeout=timeout)
-            page = result.get("tools")
-            if not isinstance(page, list):
-                raise TransportError(f"{self.url} answered tools/list without a tools list")
-            tools.extend(page)
-            cursor = result.get("nextCursor")
-            if not cursor:
-                return tools
-            if cursor in seen:
-                raise TransportError(f"{self.url} tools/list pagination loops (cursor {cursor!r})")
-            seen.add(cursor)
-            params = {"cursor": cursor}
-        raise TransportError(f"{self.url} tools/list has more than {_MAX_TOOL_PAGES} pages")
+        return await list_all_tools(
+            lambda params: self.request("tools/list", params, timeout=timeout), self.url
+        )
 
     async def call_tool(
         self,
@@ -301,9 +288,7 @@ class McpClient:
         on_message: OnMessage | None = None,
     ) -> dict[str, Any]:
         """The server's CallToolResult, unchanged; a raw result (no content list) gets wrapped."""
-        params: dict[str, Any] = {"name": name, "arguments": arguments or {}}
-        if meta:
-            params["_meta"] = meta
+        params = call_tool_params(name, arguments, meta)
         return as_call_tool_result(await self._call("tools/call", params, timeout, on_message))
 
     def _new_id(self) -> int:
