@@ -34,16 +34,15 @@ from pathlib import Path
 from typing import Any, Final
 
 from fsm_hub import __version__
-from fsm_hub.errors import LocalResourceError, McpError, TransportError
+from fsm_hub.errors import LocalResourceError, TransportError
 from fsm_hub.mcp.jsonrpc import request as _encode
+from fsm_hub.mcp.methods import OnMessage, UpstreamMethods
 from fsm_hub.mcp.protocol import LATEST as PROTOCOL_VERSION
 from fsm_hub.mcp.protocol import PROTOCOL_VERSIONS as SUPPORTED_PROTOCOL_VERSIONS
-from fsm_hub.mcp.protocol import as_call_tool_result, call_tool_params, list_all_tools
 from fsm_hub.mcp.upstream import LOCAL_ERRNOS, _result_of, _snippet
 
 log = logging.getLogger(__name__)
 
-OnMessage = Callable[[dict[str, Any]], Awaitable[None] | None]
 Sleep = Callable[[float], Awaitable[None]]
 
 INHERITED_ENV: Final = (
@@ -148,7 +147,7 @@ def describe_exit(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
-class StdioClient:
+class StdioClient(UpstreamMethods):
     """One MCP server as a child process speaking JSON-RPC lines on stdin/stdout.
 
     Safe to share between concurrent tasks: one reader task owns stdout, writes are whole lines.
@@ -368,31 +367,9 @@ class StdioClient:
         except TimeoutError:
             raise TransportError(f"{method} to {self.name} timed out after {seconds:g}s") from None
 
-    async def ping(self, timeout: float | None = None) -> None:
-        """Return if the server answers at all; raise TransportError if it is gone."""
-        try:
-            await self._call("ping", None, timeout, None)
-        except McpError:
-            pass
-
-    async def list_tools(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
-        """All tools, following ``nextCursor``; ``timeout`` applies to each page."""
-        return await list_all_tools(
-            lambda params: self.request("tools/list", params, timeout=timeout), self.name
-        )
-
-    async def call_tool(
-        self,
-        name: str,
-        arguments: Mapping[str, Any] | None = None,
-        *,
-        meta: Mapping[str, Any] | None = None,
-        timeout: float | None = None,
-        on_message: OnMessage | None = None,
-    ) -> dict[str, Any]:
-        """The server's CallToolResult, unchanged; a raw result gets wrapped."""
-        params = call_tool_params(name, arguments, meta)
-        return as_call_tool_result(await self._call("tools/call", params, timeout, on_message))
+    @property
+    def peer(self) -> str:
+        return self.name
 
     async def _call(
         self,

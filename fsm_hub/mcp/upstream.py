@@ -13,7 +13,7 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -21,6 +21,7 @@ import aiohttp
 from fsm_hub.errors import FsmHubError, LocalResourceError, McpError, SessionExpired, TransportError
 from fsm_hub.mcp import jsonrpc
 from fsm_hub.mcp.jsonrpc import JsonRpcDecodeError, answers
+from fsm_hub.mcp.methods import OnMessage, UpstreamMethods
 from fsm_hub.mcp.protocol import (
     CLIENT_INFO,
     LATEST,
@@ -29,16 +30,11 @@ from fsm_hub.mcp.protocol import (
     SESSION_HEADER,
     SSE,
     VERSION_HEADER,
-    as_call_tool_result,
-    call_tool_params,
-    list_all_tools,
 )
 from fsm_hub.mcp.sse import SseDecoder
 
 log = logging.getLogger(__name__)
 
-OnMessage = Callable[[dict[str, Any]], Awaitable[None] | None]
-"""Receives server notifications and server requests seen on a stream (sync or async)."""
 
 _POST_HEADERS: Final = POST_HEADERS
 # Our own asyncio deadline bounds every call; aiohttp's default 5-minute total must not interfere.
@@ -54,7 +50,7 @@ _MAX_RESUME_DELAY_MS: Final = 5000
 _SNIPPET: Final = 200
 
 
-class McpClient:
+class McpClient(UpstreamMethods):
     """One MCP server behind a Streamable HTTP endpoint such as ``http://127.0.0.1:PORT/mcp``.
 
     Safe to share between concurrent tasks: requests are independent HTTP exchanges and
@@ -265,31 +261,9 @@ class McpClient:
         except TimeoutError:
             raise TransportError(f"answering {self.url} timed out after {seconds:g}s") from None
 
-    async def ping(self, timeout: float | None = None) -> None:
-        """Return if the server answers at all; raise TransportError if it cannot be reached."""
-        try:
-            await self._call("ping", None, timeout, None)
-        except McpError:
-            pass  # Some servers answer ping with -32601: still alive.
-
-    async def list_tools(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
-        """All tools, following ``nextCursor``; ``timeout`` applies to each page."""
-        return await list_all_tools(
-            lambda params: self.request("tools/list", params, timeout=timeout), self.url
-        )
-
-    async def call_tool(
-        self,
-        name: str,
-        arguments: Mapping[str, Any] | None = None,
-        *,
-        meta: Mapping[str, Any] | None = None,
-        timeout: float | None = None,
-        on_message: OnMessage | None = None,
-    ) -> dict[str, Any]:
-        """The server's CallToolResult, unchanged; a raw result (no content list) gets wrapped."""
-        params = call_tool_params(name, arguments, meta)
-        return as_call_tool_result(await self._call("tools/call", params, timeout, on_message))
+    @property
+    def peer(self) -> str:
+        return self.url
 
     def _new_id(self) -> int:
         self._next_id += 1
