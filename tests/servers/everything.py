@@ -15,7 +15,7 @@ from pathlib import Path
 from mcp.client.stdio import StdioServerParameters
 
 from tests.servers.faults import free_port
-from tests.servers.launch import REPO_ROOT, _wait_until_accepting, stop
+from tests.servers.launch import REPO_ROOT, spawn_listening, stop
 
 __all__ = ["cache_dir", "ensure_installed", "everything_stdio", "spawn_everything_http", "stop"]
 
@@ -55,19 +55,9 @@ def spawn_everything_http(log: Path) -> tuple[subprocess.Popen[bytes], str]:
     """
     node, entry = ensure_installed()
     port = free_port()
-    with log.open("wb") as stderr:
-        process = subprocess.Popen(
-            [str(node), str(entry), "streamableHttp"],
-            env={**os.environ, "PORT": str(port)},
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    try:
-        _wait_until_accepting(port, process, log)
-    except BaseException:
-        stop([process])
-        raise
-    return process, f"http://127.0.0.1:{port}/mcp"
+    return spawn_listening(
+        [str(node), str(entry), "streamableHttp"], port, log, env={**os.environ, "PORT": str(port)}
+    )
 
 
 def everything_stdio() -> StdioServerParameters:

@@ -42,13 +42,15 @@ def spawn_fault_server(log: Path, mode: str) -> tuple[subprocess.Popen[bytes], s
 
 
 def _spawn(module: str, port: int, flags: list[str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    return spawn_listening([sys.executable, "-m", module, "--port", str(port), *flags], port, log)
+
+
+def spawn_listening(
+    argv: list[str], port: int, log: Path, *, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `argv` (stderr into `log`) and return once it accepts connections on `port`."""
     with log.open("wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", module, "--port", str(port), *flags],
-            cwd=REPO_ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
+        process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         _wait_until_accepting(port, process, log)
     except BaseException:
