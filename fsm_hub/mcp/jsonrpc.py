@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from fsm_hub.errors import FsmHubError
+from fsm_hub.errors import FsmHubError, McpError
 
 PARSE_ERROR: Final = -32700
 INVALID_REQUEST: Final = -32600
@@ -227,3 +227,36 @@ def answers(message: dict[str, Any], request_id: int) -> bool:
         return False
     answered = message.get("id")
     return answered == request_id or answered == str(request_id)
+
+
+SNIPPET: Final = 200
+"""Characters of a body or value quoted in an error message."""
+
+
+def result_of(message: dict[str, Any]) -> Any:
+    """The ``result`` of a JSON-RPC response; its ``error`` raised as McpError."""
+    error = message.get("error")
+    if error is not None:
+        raise error_of(error)
+    return message.get("result")
+
+
+def error_of(error: object) -> McpError:
+    if not isinstance(error, dict):
+        return McpError(-32603, str(error))
+    code = error.get("code")
+    return McpError(
+        code if isinstance(code, int) else -32603, str(error.get("message", "")), error.get("data")
+    )
+
+
+def snippet(value: object) -> str:
+    """A short single line of a body or value, for error messages."""
+    if isinstance(value, bytes | bytearray):
+        text = value.decode("utf-8", "replace")
+    elif isinstance(value, str):
+        text = value
+    else:
+        text = json.dumps(value)
+    text = " ".join(text.split())
+    return text if len(text) <= SNIPPET else text[: SNIPPET - 3] + "..."

@@ -36,10 +36,11 @@ from typing import Any, Final
 from fsm_hub import __version__
 from fsm_hub.errors import LocalResourceError, TransportError
 from fsm_hub.mcp.jsonrpc import request as _encode
+from fsm_hub.mcp.jsonrpc import result_of, snippet
 from fsm_hub.mcp.methods import OnMessage, UpstreamMethods
 from fsm_hub.mcp.protocol import LATEST as PROTOCOL_VERSION
 from fsm_hub.mcp.protocol import PROTOCOL_VERSIONS as SUPPORTED_PROTOCOL_VERSIONS
-from fsm_hub.mcp.upstream import LOCAL_ERRNOS, _result_of, _snippet
+from fsm_hub.mcp.upstream import LOCAL_ERRNOS
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +354,7 @@ class StdioClient(UpstreamMethods):
         """Send a JSON-RPC request and return its ``result``; JSON-RPC errors raise McpError."""
         result = await self._call(method, params, timeout, on_message)
         if not isinstance(result, dict):
-            raise TransportError(f"{self.name} answered {method} with {_snippet(result)}")
+            raise TransportError(f"{self.name} answered {method} with {snippet(result)}")
         return result
 
     async def notify(
@@ -409,7 +410,7 @@ class StdioClient(UpstreamMethods):
             self._receivers.pop(request_id, None)
             if token is not None:
                 self._progress.pop(token, None)
-        return _result_of(message)
+        return result_of(message)
 
     def _cancel_upstream(self, request_id: int, reason: str) -> None:
         """Tell the server we gave up (no waiting: the pipe may be what is stuck)."""
@@ -444,7 +445,7 @@ class StdioClient(UpstreamMethods):
                     line = await stdout.readuntil(b"\n")
                 except asyncio.IncompleteReadError as exc:
                     if exc.partial.strip():
-                        why = f"wrote something that is not JSON-RPC on stdout: {_snippet(exc.partial)}"
+                        why = f"wrote something that is not JSON-RPC on stdout: {snippet(exc.partial)}"
                         break
                     why = await self._ending(process)
                     break
@@ -460,7 +461,7 @@ class StdioClient(UpstreamMethods):
                 # A batch (an array, MCP 2025-03-26) is its messages in order.
                 batch = message if isinstance(message, list) and message else [message]
                 if not all(isinstance(m, dict) for m in batch):
-                    why = f"wrote something that is not JSON-RPC on stdout: {_snippet(line)}"
+                    why = f"wrote something that is not JSON-RPC on stdout: {snippet(line)}"
                     break
                 for one in batch:
                     await self._dispatch(one)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import inspect
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ import aiohttp
 
 from fsm_hub.errors import FsmHubError, LocalResourceError, McpError, SessionExpired, TransportError
 from fsm_hub.mcp import jsonrpc
-from fsm_hub.mcp.jsonrpc import JsonRpcDecodeError, answers
+from fsm_hub.mcp.jsonrpc import JsonRpcDecodeError, answers, error_of, result_of, snippet
 from fsm_hub.mcp.methods import OnMessage, UpstreamMethods
 from fsm_hub.mcp.protocol import (
     CLIENT_INFO,
@@ -47,7 +46,6 @@ _MAX_RESUMES: Final = 100
 """Streams one request's answer may be resumed over (each after the server's ``retry``)."""
 _RESUME_DELAY_MS: Final = 500
 _MAX_RESUME_DELAY_MS: Final = 5000
-_SNIPPET: Final = 200
 
 
 class McpClient(UpstreamMethods):
@@ -150,9 +148,9 @@ class McpClient(UpstreamMethods):
                 except SessionExpired as exc:
                     # Without a session there is nothing to expire: a 404 here is a wrong URL.
                     raise TransportError(str(exc)) from None
-                result = _result_of(message)
+                result = result_of(message)
                 if not isinstance(result, dict):
-                    raise TransportError(f"{self.url} answered initialize with {_snippet(result)}")
+                    raise TransportError(f"{self.url} answered initialize with {snippet(result)}")
                 version = result.get("protocolVersion")
                 if version not in PROTOCOL_VERSIONS:
                     if session_id is not None:
@@ -232,7 +230,7 @@ class McpClient(UpstreamMethods):
         """Send a JSON-RPC request and return its ``result``; JSON-RPC errors raise McpError."""
         result = await self._call(method, params, timeout, on_message)
         if not isinstance(result, dict):
-            raise TransportError(f"{self.url} answered {method} with {_snippet(result)}")
+            raise TransportError(f"{self.url} answered {method} with {snippet(result)}")
         return result
 
     async def call(
@@ -319,7 +317,7 @@ class McpClient(UpstreamMethods):
             await self._post_notification(body, self._headers)
             return None
         message, _ = await self._post_request(body, request_id, on_message, self._headers)
-        return _result_of(message)
+        return result_of(message)
 
     async def _reinitialize(self, generation: int) -> None:
         """Replace a lost session once, however many concurrent calls noticed the loss."""
@@ -408,7 +406,7 @@ class McpClient(UpstreamMethods):
         """The error an HTTP status >= 300 stands for."""
         status = response.status
         body = await response.read()
-        text = _snippet(body)
+        text = snippet(body)
         detail = f"{self.url} answered HTTP {status}" + (f": {text}" if text else "")
         # The Python SDK says 404 for a lost session; the TypeScript SDK says 400.
         if status == 404 or (status == 400 and b"session" in body.lower()):
@@ -416,7 +414,7 @@ class McpClient(UpstreamMethods):
         if 400 <= status < 500:
             parsed = _loads_or_none(body)
             if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-                return _error_of(parsed["error"])
+                return error_of(parsed["error"])
         return TransportError(detail)
 
     async def _parse_body(
@@ -430,7 +428,7 @@ class McpClient(UpstreamMethods):
             parsed = jsonrpc.decode(body)
         except JsonRpcDecodeError as exc:
             raise TransportError(
-                f"{self.url} answered with something that is not JSON: {_snippet(body)}{_why(exc)}"
+                f"{self.url} answered with something that is not JSON: {snippet(body)}{_why(exc)}"
             ) from None
         if isinstance(parsed, dict):
             if answers(parsed, request_id) or ("error" in parsed and parsed.get("id") is None):
@@ -445,7 +443,7 @@ class McpClient(UpstreamMethods):
             if answer is not None:
                 return answer
         raise TransportError(
-            f"{self.url} answered something other than a response to request {request_id}: {_snippet(body)}"
+            f"{self.url} answered something other than a response to request {request_id}: {snippet(body)}"
         )
 
     async def _read_answer(
@@ -527,10 +525,10 @@ class McpClient(UpstreamMethods):
             message = jsonrpc.decode(data)
         except JsonRpcDecodeError as exc:
             raise TransportError(
-                f"{self.url} sent an SSE event that is not JSON-RPC: {_snippet(data)}{_why(exc)}"
+                f"{self.url} sent an SSE event that is not JSON-RPC: {snippet(data)}{_why(exc)}"
             ) from None
         if not isinstance(message, dict):
-            raise TransportError(f"{self.url} sent an SSE event that is not JSON-RPC: {_snippet(data)}")
+            raise TransportError(f"{self.url} sent an SSE event that is not JSON-RPC: {snippet(data)}")
         return message
 
     async def _deliver(self, message: dict[str, Any], on_message: OnMessage | None) -> None:
@@ -574,7 +572,7 @@ class McpClient(UpstreamMethods):
                     self.listen_offered = False
                     return
                 if response.status != 200:
-                    text = _snippet(await response.read())
+                    text = snippet(await response.read())
                     raise TransportError(
                         f"{self.url} answered the GET stream with HTTP {response.status}: {text}"
                     )
@@ -640,23 +638,6 @@ def _transport_error(exc: OSError | aiohttp.ClientError, detail: str) -> Transpo
     return LocalResourceError(detail) if code in LOCAL_ERRNOS else TransportError(detail)
 
 
-def _result_of(message: dict[str, Any]) -> Any:
-    """The ``result`` of a JSON-RPC response; its ``error`` raised as McpError."""
-    error = message.get("error")
-    if error is not None:
-        raise _error_of(error)
-    return message.get("result")
-
-
-def _error_of(error: object) -> McpError:
-    if not isinstance(error, dict):
-        return McpError(-32603, str(error))
-    code = error.get("code")
-    return McpError(
-        code if isinstance(code, int) else -32603, str(error.get("message", "")), error.get("data")
-    )
-
-
 def _dict_or_empty(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
@@ -671,15 +652,3 @@ def _loads_or_none(body: bytes) -> Any:
 def _why(exc: JsonRpcDecodeError) -> str:
     """What was wrong, unless it was plain bad syntax (the snippet shows that)."""
     return "" if exc.syntax else f" ({exc.message})"
-
-
-def _snippet(value: object) -> str:
-    """A short single line of a body or value, for error messages."""
-    if isinstance(value, bytes | bytearray):
-        text = value.decode("utf-8", "replace")
-    elif isinstance(value, str):
-        text = value
-    else:
-        text = json.dumps(value)
-    text = " ".join(text.split())
-    return text if len(text) <= _SNIPPET else text[: _SNIPPET - 3] + "..."
