@@ -656,6 +656,14 @@ def serve(
     call_timeout: Annotated[
         float, typer.Option(help="Seconds any routed request may take before its client gets an error.")
     ] = 300.0,
+    start_limit: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Configured stdio servers starting at once (default: max(4, 2 × cores)).",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No start-up banner on stderr.")] = False,
     log_level: Annotated[
         LogLevel, typer.Option("--log-level", help="Least severe stderr log messages shown.")
@@ -707,6 +715,7 @@ def serve(
         limits=HttpLimits(session_idle=_positive("--session-idle", session_idle), max_sessions=max_sessions),
         instance=instance,
         config=config if config is not None else default_config_path(),
+        **({"start_limit": start_limit} if start_limit is not None else {}),
     )
     code = run(lambda: asyncio.run(run_hub(options)))
     raise typer.Exit(code)

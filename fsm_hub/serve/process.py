@@ -28,7 +28,7 @@ from fsm_hub.serve.bridge import Bridge, OwnerGone
 from fsm_hub.serve.ownership import Owner, Ownership
 from fsm_hub.serve.relay import HttpRelay
 from fsm_hub.store.sqlite import EventStore
-from fsm_hub.supervision.hub import Hub
+from fsm_hub.supervision.hub import DEFAULT_START_LIMIT, Hub
 from fsm_hub.supervision.supervisor import DEFAULT_TIMING, Timing
 from fsm_hub.transports.http import HttpEndpoint, HttpLimits
 from fsm_hub.transports.stdio import StdioChannel
@@ -63,6 +63,8 @@ class ServeOptions:
     """`--instance`: the stdio client gets that one instance's own MCP (a per-instance endpoint)."""
     config: Path | None = None
     """The configured servers' file (None: no configured servers)."""
+    start_limit: int = DEFAULT_START_LIMIT
+    """Configured stdio servers starting (spawn + initialize + tools/list) at once."""
 
 
 class OwnedHub:
@@ -83,7 +85,13 @@ class OwnedHub:
         self.store = await EventStore.open(options.db)
         discovery = Discovery(options.instances_dir, allow_remote=options.allow_remote)
         configured = ConfiguredServers(options.config) if options.config is not None else None
-        self.hub = Hub(self.store, discovery, timing=options.timing, configured=configured)
+        self.hub = Hub(
+            self.store,
+            discovery,
+            timing=options.timing,
+            configured=configured,
+            start_limit=options.start_limit,
+        )
         try:
             await self.hub.start(wait_for_discovery=False)
             with contextlib.suppress(TimeoutError):
