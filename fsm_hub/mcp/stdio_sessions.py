@@ -19,7 +19,8 @@ process (`StdioSessions`), what the protocol lets it separate:
   session holds a level any more the server stays at the last one sent: MCP has no way to
   restore a server's default.
 - Everything else (`list_changed` of tools, resources, prompts; a log message with a level the
-  hub does not know; ...) reaches every listening session.
+  hub does not know; ...) reaches every listening session, except what only makes sense to the
+  one that made a request (`OWN_REQUESTS_ONLY`): progress no call claims, cancellations.
 
 What cannot be separated: a notification the server sends to its one session (a log line about
 one client's request, say) reaches every session whose filter admits it; `initialize` is the
@@ -50,6 +51,9 @@ log = logging.getLogger(__name__)
 LEVELS: Final = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 """MCP (RFC 5424) log levels, most verbose first."""
 RANK: Final = {level: rank for rank, level in enumerate(LEVELS)}
+OWN_REQUESTS_ONLY: Final = frozenset({"notifications/progress", "notifications/cancelled"})
+"""About a request: one no call claims (a late progress, the cancelling of a server request the
+transport answered) belongs to no client, and another client may use the same token or id."""
 MAX_QUEUED: Final = 1000
 """Notifications a listening session may have waiting for its receiver; past that it misses them."""
 
@@ -139,6 +143,8 @@ class StdioSessions:
         method = message.get("method")
         params = message.get("params")
         params = params if isinstance(params, dict) else {}
+        if method in OWN_REQUESTS_ONLY:
+            return []
         if method == "notifications/resources/updated":
             uri = params.get("uri")
             holders = self._subscribers.get(uri, set()) if isinstance(uri, str) else set()
