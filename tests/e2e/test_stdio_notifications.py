@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -274,3 +276,40 @@ async def test_server_everything_subscriptions_and_levels_per_client(lab: Lab) -
         assert sorted(set(own.updated())) == through[who], who
         if who != "B":  # alone, B hears no one else's subscribe
             assert (own.logs("Received Subscribe Resource request") > 0) == heard[who], who
+
+
+async def test_a_restarted_process_starts_with_no_subscriptions_or_level(lab: Lab) -> None:
+    """The process is lost and respawned: each client's session over it is made afresh, as an
+    HTTP instance's are, so a subscription is asked for again and reaches the new process."""
+    async with hub_of(lab, "sdk", SDK) as connect:
+        seen = Seen()
+        async with connect(seen) as client:
+            await client.set_logging_level("error")
+            await client.subscribe_resource(URI)
+            first = _spawned(lab)[-1]
+            os.kill(first, signal.SIGKILL)
+            await eventually(lambda: len(_spawned(lab)) == 2 and _active(lab), timeout=40)
+
+            async def fresh() -> dict[str, Any] | None:
+                try:
+                    return await state(client)
+                except AssertionError:
+                    return None  # the call raced the restart: ask again
+
+            assert await eventually(fresh, timeout=20) == {"subscribed": [], "level": None, "received": []}
+            await text(client.call_tool("log", {"level": "info", "data": "no level any more"}))
+            await client.subscribe_resource(URI)  # not remembered by the hub: sent to the new process
+            assert (await state(client))["received"] == [["resources/subscribe", URI]]
+            await text(client.call_tool("touch", {"uris": [URI]}))
+            await seen.until(lambda m: m["method"] == "notifications/resources/updated")
+            assert seen.logs("no level any more") == 1
+
+
+def _spawned(lab: Lab) -> list[int]:
+    done = lab.cli("history", "cfg-sdk", "--json")
+    return [e["data"]["pid"] for e in json.loads(done.stdout or "[]") if e["type"] == "process_spawned"]
+
+
+def _active(lab: Lab) -> bool:
+    listed = json.loads(lab.cli("instances", "--json").stdout or "[]")
+    return any(i["name"] == "sdk" and i["state"] == "active" for i in listed)
