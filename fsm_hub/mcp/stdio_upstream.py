@@ -17,6 +17,10 @@ notify, ping, listen, close), so a configured stdio server is supervised like an
 - There is no session over stdio (`session_id` is None). Server requests are handed to the
   receiver of the one call in flight (or the listener) and then answered here: `ping` with an
   empty result, anything else with -32601, because the hub relays no client answers back.
+- Notifications that no call claims (no progressToken of a call in flight) go to the listener
+  and to every tap (`tap`): synchronous receivers that must not block, because this reader also
+  carries the answers and pings. The hub's clients of the process are such taps
+  (`fsm_hub.mcp.stdio_sessions`); what each of them gets is decided there, not here.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from fsm_hub.mcp.upstream import LOCAL_ERRNOS
 log = logging.getLogger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
+Tap = Callable[[dict[str, Any]], None]
+"""Sees each unclaimed notification, synchronously, on the reader: it must not block."""
 
 INHERITED_ENV: Final = (
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ",
@@ -198,6 +204,7 @@ class StdioClient(UpstreamMethods):
         self._receivers: dict[int, OnMessage] = {}
         self._progress: dict[object, OnMessage] = {}
         self._listener: OnMessage | None = None
+        self._taps: list[Tap] = []
         self._listening: asyncio.Task[None] | None = None
         self._failure: TransportError | None = None
         self._ended = asyncio.Event()
@@ -499,19 +506,32 @@ class StdioClient(UpstreamMethods):
             if future is not None and not future.done():
                 future.set_result(message)
             return  # an answer to a call that gave up, or an id we never sent: nothing to do
-        receiver = self._receiver_for(message)
+        progress = self._progress_receiver(message)
+        receiver = progress or self._receiver_for(message)
         if receiver is not None:
             await _deliver(receiver, message)
         if "id" in message:
             await self._answer_server_request(message)
+        elif progress is None and self._taps:
+            for tap in tuple(self._taps):
+                try:
+                    tap(message)
+                except Exception:
+                    log.exception("a tap of %s failed on %s", self.name, message.get("method"))
+            # Lines already buffered are read without a pause: let the taps' consumers take this
+            # one before the next, so a burst does not pile up behind a reader that never yields.
+            await asyncio.sleep(0)
 
-    def _receiver_for(self, message: dict[str, Any]) -> OnMessage | None:
+    def _progress_receiver(self, message: dict[str, Any]) -> OnMessage | None:
+        """The call whose progressToken the message carries, if one is in flight."""
         params = message.get("params")
         if isinstance(params, dict) and "progressToken" in params:
             token = params["progressToken"]
             with contextlib.suppress(TypeError):
-                if token in self._progress:
-                    return self._progress[token]
+                return self._progress.get(token)
+        return None
+
+    def _receiver_for(self, message: dict[str, Any]) -> OnMessage | None:
         if "id" in message and len(self._receivers) == 1:
             return next(iter(self._receivers.values()))  # a server request belongs to the call in flight
         return self._listener or self.on_message
@@ -563,6 +583,22 @@ class StdioClient(UpstreamMethods):
             self._listening.add_done_callback(self._stop_listening)  # even if cancelled before it ran
         return self._listening
 
+    def tap(self, receiver: Tap) -> Callable[[], None]:
+        """Show `receiver` every notification no call claims, beside the listener; returns the
+        function that removes it. It runs on the reader, so it must hand messages on, not wait."""
+        self._taps.append(receiver)
+
+        def untap() -> None:
+            with contextlib.suppress(ValueError):
+                self._taps.remove(receiver)
+
+        return untap
+
+    @property
+    def taps(self) -> int:
+        """How many taps are in place (tests check that closed sessions leave none)."""
+        return len(self._taps)
+
     async def _until_ended(self) -> None:
         await self._ended.wait()
 
@@ -594,52 +630,3 @@ def _int_or_none(value: object) -> int | None:
 
 def _dict_or_empty(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
-
-
-class SharedStdioSession:
-    """One downstream client's handle on a stdio server that every client shares.
-
-    A stdio server is one process and one MCP session, so the hub does not spawn a process per
-    client: each client's requests go over the supervisor's client, `initialize` returns the
-    supervisor's handshake instead of re-initializing the process, and `close` leaves the
-    process running. Server-side session state (log level, subscriptions) is therefore shared by
-    the clients of a stdio server; the README says so.
-    """
-
-    session_id = None
-
-    def __init__(self, shared: StdioClient, handshake: dict[str, Any]) -> None:
-        self._shared = shared
-        self._handshake = handshake
-        self._closed = asyncio.Event()
-
-    def __repr__(self) -> str:
-        return f"<SharedStdioSession of {self._shared!r}{' closed' if self._closed.is_set() else ''}>"
-
-    async def initialize(self, *, timeout: float | None = None) -> dict[str, Any]:
-        return self._handshake
-
-    async def request(
-        self,
-        method: str,
-        params: Mapping[str, Any] | None = None,
-        *,
-        timeout: float | None = None,
-        on_message: OnMessage | None = None,
-    ) -> dict[str, Any]:
-        return await self._shared.request(method, params, timeout=timeout, on_message=on_message)
-
-    async def notify(
-        self, method: str, params: Mapping[str, Any] | None = None, *, timeout: float | None = None
-    ) -> None:
-        await self._shared.notify(method, params, timeout=timeout)
-
-    def listen(self, on_message: OnMessage | None = None) -> asyncio.Task[None]:
-        """The shared process's notifications reach the supervisor, not each client: wait for close."""
-        return asyncio.create_task(self._until_closed(), name="shared stdio session")
-
-    async def _until_closed(self) -> None:
-        await self._closed.wait()
-
-    async def close(self) -> None:
-        self._closed.set()

@@ -730,13 +730,14 @@ class Hub:
     ) -> Any:
         """A new, unopened client of the instance's current URL for one downstream client.
 
-        The supervisor's own client stays its own (health, tool cache). A stdio instance would
-        return its stdio client here, with the same interface.
+        The supervisor's own client stays its own (health, tool cache). A stdio instance gives a
+        session over its one process (`StdioSessions`), with the same interface.
         """
         supervisor = self._supervisors.get(instance_id)
         if supervisor is None or supervisor.state != "active":
             raise self.unavailable(instance_id)
-        from fsm_hub.mcp.stdio_upstream import SharedStdioSession, StdioClient
+        from fsm_hub.mcp.stdio_sessions import StdioSessions
+        from fsm_hub.mcp.stdio_upstream import StdioClient
         from fsm_hub.mcp.upstream import McpClient
 
         spec = self._specs.get(instance_id)
@@ -745,7 +746,7 @@ class Hub:
             if not isinstance(shared, StdioClient):
                 raise self.unavailable(instance_id)
             handshake = {"protocolVersion": shared.protocol_version, **self.handshake(instance_id)}
-            return SharedStdioSession(shared, handshake)
+            return StdioSessions.of(shared).open(handshake)
         return McpClient(
             spec.url if spec is not None and spec.url else supervisor.url,
             session=self._http,

@@ -7,6 +7,13 @@ fifty of them start at once on a small machine). Modes:
   the call's progressToken), ``ask`` (sends a server request and waits for its answer),
   ``changed`` (sends tools/list_changed), ``batch`` (answers in a JSON-RPC batch), ``env``
   (the server's environment and cwd as JSON); answers ``ping``; exits at the end of stdin.
+  Session state like a real server's: ``resources/subscribe`` / ``unsubscribe`` (a URI starting
+  ``bad:`` is refused with -32602) and ``logging/setLevel`` (an unknown level: -32602); tools
+  ``touch`` (``resources/updated`` for each of ``uris`` this session subscribed to), ``log``
+  (``notifications/message`` at ``level`` unless below the level set), ``mark`` (a
+  ``prompts/list_changed`` carrying ``_meta.mark``: a barrier for tests), ``flood`` (``n``
+  ``resources/list_changed``) and ``state`` (subscriptions, level, and every subscribe,
+  unsubscribe and setLevel received, as JSON).
 - ``exit-after N``: answers N tools/call, then exits with code 3 in the middle of the next one.
 - ``exit-at-start``: says ``fatal: cannot open the database`` on stderr and exits with code 2.
 - ``garbage``: handshakes normally, then answers tools/call with a line that is not JSON.
@@ -36,6 +43,11 @@ TOOLS = [
         ("changed", "Announce tools/list_changed."),
         ("env", "The environment and cwd this server runs with."),
         ("batch", "Answer inside a JSON-RPC batch, after a log notification."),
+        ("touch", "Send resources/updated for each subscribed URI of `uris`."),
+        ("log", "Send notifications/message at `level` with `data`, unless below the level set."),
+        ("mark", "Send prompts/list_changed with _meta.mark = `mark`."),
+        ("flood", "Send `n` resources/list_changed."),
+        ("state", "Subscriptions, log level and the session requests received, as JSON."),
     )
 ]
 
@@ -43,6 +55,13 @@ TOOLS = [
 def send(message: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
+
+
+LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+
+
+def notify(method: str, params: dict[str, Any] | None = None) -> None:
+    send({"jsonrpc": "2.0", "method": method, **({"params": params} if params is not None else {})})
 
 
 def text(value: str) -> dict[str, Any]:
@@ -54,6 +73,9 @@ class Server:
         self.mode = mode
         self.n = n
         self.calls = 0
+        self.subscribed: set[str] = set()
+        self.level: str | None = None
+        self.received: list[list[str]] = []
         self.lines = iter(sys.stdin.readline, "")
 
     def run(self) -> None:
@@ -83,13 +105,23 @@ class Server:
                 self.flood(self.n or 4)
             result: dict[str, Any] = {
                 "protocolVersion": params.get("protocolVersion", "2025-06-18"),
-                "capabilities": {"tools": {"listChanged": True}},
+                "capabilities": {
+                    "tools": {"listChanged": True},
+                    "resources": {"subscribe": True, "listChanged": True},
+                    "logging": {},
+                },
                 "serverInfo": {"name": "stdio-test-server", "version": "0.1"},
             }
         elif method == "ping":
             result = {}
         elif method == "tools/list":
             result = {"tools": TOOLS}
+        elif method in ("resources/subscribe", "resources/unsubscribe", "logging/setLevel"):
+            error = self.session_state(method, params)
+            if error is not None:
+                send({"jsonrpc": "2.0", "id": request_id, "error": {"code": -32602, "message": error}})
+                return
+            result = {}
         elif method == "tools/call":
             self.calls += 1
             if self.mode == "exit-after" and self.calls > self.n:
@@ -118,6 +150,22 @@ class Server:
             return
         send({"jsonrpc": "2.0", "id": request_id, "result": result})
 
+    def session_state(self, method: str, params: dict[str, Any]) -> str | None:
+        """Apply a subscribe, unsubscribe or setLevel; the error message if it is refused."""
+        value = str(params.get("level") if method == "logging/setLevel" else params.get("uri"))
+        self.received.append([method, value])
+        if method == "logging/setLevel":
+            if value not in LEVELS:
+                return f"unknown level {value}"
+            self.level = value
+        elif value.startswith("bad:"):
+            return f"cannot subscribe to {value}"
+        elif method == "resources/subscribe":
+            self.subscribed.add(value)
+        else:
+            self.subscribed.discard(value)
+        return None
+
     def call(self, name: str, arguments: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         if name == "echo":
             return text(str(arguments.get("text", "")))
@@ -141,6 +189,26 @@ class Server:
         if name == "changed":
             send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
             return text("changed")
+        if name == "touch":
+            for uri in arguments.get("uris", []):
+                if uri in self.subscribed:
+                    notify("notifications/resources/updated", {"uri": uri})
+            return text("touched")
+        if name == "log":
+            level = str(arguments.get("level", "info"))
+            if self.level is None or LEVELS.index(level) >= LEVELS.index(self.level):
+                notify("notifications/message", {"level": level, "data": arguments.get("data")})
+            return text("logged")
+        if name == "mark":
+            notify("notifications/prompts/list_changed", {"_meta": {"mark": arguments.get("mark")}})
+            return text("marked")
+        if name == "flood":
+            for _ in range(int(arguments.get("n", 1))):
+                notify("notifications/resources/list_changed")
+            return text("flooded")
+        if name == "state":
+            state = {"subscribed": sorted(self.subscribed), "level": self.level, "received": self.received}
+            return text(json.dumps(state))
         if name == "env":
             return text(json.dumps({"env": dict(os.environ), "cwd": os.getcwd()}))
         return {"content": [{"type": "text", "text": f"unknown tool {name}"}], "isError": True}
