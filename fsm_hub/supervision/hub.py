@@ -43,6 +43,7 @@ from fsm_hub.errors import InstanceUnavailable, LogUnwritable, StoreError, Trans
 from fsm_hub.store.recorder import recorded_machine
 from fsm_hub.store.snapshots import SNAPSHOT_EVERY
 from fsm_hub.store.sqlite import EventStore
+from fsm_hub.supervision.payloads import announced, config_changed, configured_payload, evidence, what_changed
 from fsm_hub.supervision.supervisor import (
     DEFAULT_TIMING,
     CheckNow,
@@ -65,85 +66,11 @@ short enough that the hub's own stop (a client gives it a few seconds) ends ever
 
 DEFAULT_START_LIMIT = max(4, 2 * (os.cpu_count() or 1))
 """Configured stdio servers starting (spawn + handshake) at once; the others wait for a slot
-before their connect timeout starts. Measured in tools/bench_stdio.py: see the README."""
+before their connect timeout starts. Measured in tools/bench_configured.py: see the README."""
 
 InstanceListener = Callable[[str], None]
 DISCOVERY_CHUNK = 100
 """New instances recorded per group commit before the hub lets other tasks run."""
-
-
-def announced(announcement: Announcement) -> dict[str, Any]:
-    """The payload of `instance_discovered` / `instance_updated`."""
-    return {
-        "name": announcement.name,
-        "directory": announcement.directory,
-        "port": announcement.port,
-        "pid": announcement.pid,
-        "url": announcement.url,
-    }
-
-
-def evidence(instance: InstanceView) -> tuple[int | None, int | None, str | None]:
-    return (instance.port, instance.pid, instance.url)
-
-
-def configured_payload(spec: ServerSpec) -> dict[str, Any]:
-    """The payload of `instance_discovered` / `instance_updated` for a configured server.
-
-    Names of env and headers only, command/args/url as written: never a secret value.
-    """
-    description = spec.describe()
-    server = description.to_json()
-    server.pop("fingerprint")  # keyed per process: it would tell nothing in a later run
-    return {
-        "name": spec.name,
-        "directory": "",
-        "port": None,
-        "pid": None,
-        "url": description.url,
-        "kind": spec.kind,
-        "source": spec.source,
-        "server": server,
-    }
-
-
-def config_changed(before: ServerSpec, after: ServerSpec) -> str:
-    old, new = before.describe(), after.describe()
-    changes = [
-        name
-        for name, a, b in (
-            ("command", old.command, new.command),
-            ("args", old.args, new.args),
-            ("cwd", old.cwd, new.cwd),
-            ("url", old.url, new.url),
-            ("env names", old.env, new.env),
-            ("header names", old.headers, new.headers),
-        )
-        if a != b
-    ]
-    return "config changed: " + (", ".join(changes) if changes else "env or header values")
-
-
-def what_changed(before: InstanceView, after: Announcement) -> str:
-    changes = [
-        _change(name, old, new)
-        for name, old, new in (
-            ("port", before.port, after.port),
-            ("pid", before.pid, after.pid),
-            ("url", before.url, after.url),
-        )
-        if old != new
-    ]
-    return "re-announced: " + ", ".join(changes)
-
-
-def _change(name: str, old: object, new: object) -> str:
-    """`pid 1 → 2`; an unknown side is left out rather than shown as `None`."""
-    if old is None:
-        return f"{name} {new} (not announced before)"
-    if new is None:
-        return f"{name} {old} no longer announced"
-    return f"{name} {old} → {new}"
 
 
 class Hub:
