@@ -5,6 +5,7 @@ tests of what sits on top of it: MCP sessions and the HTTP endpoint.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -30,6 +31,10 @@ FAST = Timing(
     call_timeout=30.0,
 )
 """Supervision fast enough that an instance going away is noticed within a few tenths of a second."""
+
+CALM = dataclasses.replace(FAST, ping_interval=3600.0)
+"""FAST connects, but no ping comes during a test: for tests that assert a steady state, which a
+0.1 s ping timeout on a loaded machine would otherwise turn into `lost` now and then."""
 
 
 @dataclass

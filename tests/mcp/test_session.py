@@ -17,7 +17,7 @@ import pytest
 from fsm_hub.mcp.protocol import PROTOCOL_VERSIONS
 from fsm_hub.mcp.session import PAGE_SIZE, Session, request_emit
 from fsm_hub.mcp.tool_names import VALID_NAME
-from tests.live_hub import LiveHub, until
+from tests.live_hub import CALM, LiveHub, until
 from tests.servers.faults import PRELUDE, FakeMcp
 from tests.servers.flaky import FlakyMcp
 from tests.servers.slow import SlowMcp
@@ -363,7 +363,7 @@ async def test_closing_a_session_cancels_its_calls_and_records_the_disconnect(
 
 async def test_history_and_status(live_hub: LiveHubFactory, fake_mcp: FakeFactory) -> None:
     fake = await fake_mcp()
-    live = await live_hub()
+    live = await live_hub(CALM)
     live.announce("h1", fake.url, name="hist")
     await live.reach("h1", "active")
     session, _ = live.session()
