@@ -7,6 +7,10 @@ first routed request (a bind that never calls costs no handshake), and DELETEd w
 or the session ends, or when the instance leaves ``active`` (its session state died with it;
 the next request makes a new one). The supervisor keeps its own client for health and tools.
 
+What the client set up in its session — resource subscriptions and its log level — is kept
+(`KeptState`) and replayed into the new session after the instance restarts, so a subscribed
+client keeps receiving `notifications/resources/updated` without asking again.
+
 Transport-agnostic: the client comes from `Hub.client_for`, which returns anything with the
 `InstanceClient` interface (an HTTP `McpClient` today, a stdio client tomorrow).
 """
@@ -18,6 +22,7 @@ import contextvars
 import logging
 import random
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from fsm_hub.errors import McpError, TransportError
@@ -28,6 +33,39 @@ log = logging.getLogger(__name__)
 
 LISTEN_BACKOFF_CAP: Final = 5.0
 """Longest pause (seconds) before the GET stream is reopened while the instance is active."""
+
+
+@dataclass(slots=True)
+class KeptState:
+    """What one client set up in its session with one instance: replayed into the next session."""
+
+    subscriptions: dict[str, None] = field(default_factory=dict)
+    """URIs subscribed (`resources/subscribe` that succeeded, not unsubscribed), in order."""
+    level: str | None = None
+    """The last `logging/setLevel` that succeeded."""
+
+    def __bool__(self) -> bool:
+        return bool(self.subscriptions) or self.level is not None
+
+    def record(self, method: str, params: dict[str, Any]) -> None:
+        """A request that succeeded: keep what it set up."""
+        if method == "resources/subscribe" and isinstance(params.get("uri"), str):
+            self.subscriptions[params["uri"]] = None
+        elif method == "resources/unsubscribe" and isinstance(params.get("uri"), str):
+            self.subscriptions.pop(params["uri"], None)
+        elif method == "logging/setLevel" and isinstance(params.get("level"), str):
+            self.level = params["level"]
+
+    def requests(self) -> list[tuple[str, dict[str, Any]]]:
+        """The requests that set it up again in a new session."""
+        made: list[tuple[str, dict[str, Any]]] = []
+        if self.level is not None:
+            made.append(("logging/setLevel", {"level": self.level}))
+        made += [("resources/subscribe", {"uri": uri}) for uri in self.subscriptions]
+        return made
+
+
+KEPT_METHODS: Final = frozenset({"resources/subscribe", "resources/unsubscribe", "logging/setLevel"})
 
 
 class ClientUpstream:
@@ -42,6 +80,7 @@ class ClientUpstream:
         client_info: dict[str, Any],
         on_message: OnMessage,
         on_lost: Callable[[ClientUpstream], None] = lambda _: None,
+        kept: KeptState | None = None,
     ) -> None:
         self.hub = hub
         self.instance_id = instance_id
@@ -50,6 +89,8 @@ class ClientUpstream:
         self.on_message = on_message
         """Receives what the instance sends outside any request (its GET stream)."""
         self._on_lost = on_lost
+        self.kept = kept if kept is not None else KeptState()
+        """This client's subscriptions and level, shared with the session's next upstream."""
         self._opening: asyncio.Future[InstanceClient] | None = None
         self._client: InstanceClient | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -99,6 +140,7 @@ class ClientUpstream:
         if self.closed:  # closed while the handshake ran: leave no session behind
             await _close_quietly(client)
             raise TransportError(f"the session with instance {self.instance_id} is closed")
+        await self._replay(client)
         self._client = client
         # A fresh context: the stream must not inherit the request (and its response stream)
         # that happened to open this session.
@@ -106,6 +148,22 @@ class ClientUpstream:
             self._listen(client), name=f"listen {self.instance_id}", context=contextvars.Context()
         )
         return client
+
+    async def _replay(self, client: InstanceClient) -> None:
+        """Set up again what the client had set up in its previous session with the instance.
+
+        One that the new session refuses (the resource is gone, say) is forgotten: the client
+        would get that answer asking now.
+        """
+        for method, params in self.kept.requests():
+            try:
+                await client.request(method, params, timeout=self.hub.timing.connect_timeout)
+            except (McpError, TransportError) as exc:
+                log.info("%s: %s %s not set up again: %s", self.instance_id, method, params, exc)
+                if method == "resources/subscribe":
+                    self.kept.subscriptions.pop(params["uri"], None)
+                else:
+                    self.kept.level = None
 
     async def request(
         self, method: str, params: dict[str, Any], *, timeout: float, on_message: OnMessage
@@ -115,7 +173,10 @@ class ClientUpstream:
         raw = getattr(client, "call", None) if method == "tools/call" else None
         if raw is not None:
             return await raw(method, params, timeout=timeout, on_message=on_message)
-        return await client.request(method, params, timeout=timeout, on_message=on_message)
+        result = await client.request(method, params, timeout=timeout, on_message=on_message)
+        if method in KEPT_METHODS:
+            self.kept.record(method, params)
+        return result
 
     async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
         if self._client is None:

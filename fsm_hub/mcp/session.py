@@ -23,7 +23,7 @@ from typing import Any
 
 from fsm_hub import __version__
 from fsm_hub.errors import FsmHubError, InstanceUnavailable, McpError, TransportError
-from fsm_hub.mcp.client_upstream import ClientUpstream
+from fsm_hub.mcp.client_upstream import ClientUpstream, KeptState
 from fsm_hub.mcp.hub_tools import HUB_TOOL_NAMES, HubTools, ToolFailure, tool_error
 from fsm_hub.mcp.jsonrpc import (
     INTERNAL_ERROR,
@@ -106,6 +106,9 @@ class Session:
         self.instance_ref = instance
         """Set on a per-instance endpoint: the id or name of its one instance."""
         self._upstreams: dict[str, ClientUpstream] = {}
+        self._kept: dict[str, KeptState] = {}
+        """Per instance: this client's subscriptions and level, outliving an upstream session
+        that ended with its instance (replayed into the next one)."""
         """This client's own upstream session with each instance it talks to."""
         self._server_requests: dict[str, tuple[ClientUpstream, Any]] = {}
         """Hub id of a relayed instance request → (the upstream that asked, its own id)."""
@@ -497,23 +500,40 @@ class Session:
                 },
                 on_message=lambda message: None,
                 on_lost=self._upstream_lost,
+                kept=self._kept.setdefault(instance_id, KeptState()),
             )
             upstream.on_message = functools.partial(self._relay, upstream, False)
             self._upstreams[instance_id] = upstream
         return upstream
 
     def _upstream_lost(self, upstream: ClientUpstream) -> None:
+        """Its session is gone upstream (404): the kept state goes into a new one at once."""
         if self._upstreams.get(upstream.instance_id) is upstream:
-            del self._upstreams[upstream.instance_id]
+            self._drop_upstream(upstream.instance_id)
         self._spawn(upstream.close())
+        self._restore(upstream.instance_id)
 
-    async def _close_upstream(self, instance_id: str) -> None:
+    def _drop_upstream(self, instance_id: str) -> ClientUpstream | None:
+        """Forget the upstream session (now, so a change right after sees none) and what it asked."""
         upstream = self._upstreams.pop(instance_id, None)
         if upstream is not None:
             for hub_id, (asker, _) in list(self._server_requests.items()):
                 if asker is upstream:
                     del self._server_requests[hub_id]
+        return upstream
+
+    async def _close_upstream(self, instance_id: str) -> None:
+        """End this client's session with the instance for good: its kept state goes too."""
+        self._kept.pop(instance_id, None)
+        upstream = self._drop_upstream(instance_id)
+        if upstream is not None:
             await upstream.close()
+
+    def _restore(self, instance_id: str) -> None:
+        """Open a new upstream session now if there is state to set up in it (see KeptState)."""
+        if self.closed or not self._kept.get(instance_id) or self.hub.state(instance_id) != "active":
+            return
+        self._spawn(self._upstream(instance_id).client())  # one handshake, however many ask
 
     def _relay(self, upstream: ClientUpstream, in_request: bool, message: dict[str, Any]) -> None:
         """Pass what an instance sends to this client: notifications unchanged, requests renumbered.
@@ -624,8 +644,13 @@ class Session:
 
     def _instance_changed(self, instance_id: str) -> None:
         if instance_id in self._upstreams and self.hub.state(instance_id) != "active":
-            # Its session state died with it, and a new URL needs a new client anyway.
-            self._spawn(self._close_upstream(instance_id))
+            # Its session died with it, and a new URL needs a new client anyway; what the client
+            # set up in it is kept and replayed once the instance is active again.
+            dropped = self._drop_upstream(instance_id)
+            if dropped is not None:
+                self._spawn(dropped.close())
+        elif instance_id not in self._upstreams:
+            self._restore(instance_id)
         if self._routed and self.hub.state(instance_id) != "active":
             for task, routed_to in self._routed.items():
                 if routed_to == instance_id and task not in self._abandoned:

@@ -278,31 +278,36 @@ async def test_server_everything_subscriptions_and_levels_per_client(lab: Lab) -
             assert (own.logs("Received Subscribe Resource request") > 0) == heard[who], who
 
 
-async def test_a_restarted_process_starts_with_no_subscriptions_or_level(lab: Lab) -> None:
-    """The process is lost and respawned: each client's session over it is made afresh, as an
-    HTTP instance's are, so a subscription is asked for again and reaches the new process."""
+async def test_a_restarted_process_gets_each_clients_subscriptions_and_level_again(lab: Lab) -> None:
+    """The process is lost and respawned: the hub sets each client's level and subscriptions up
+    again in the new process by itself, so a subscribed client that asks nothing keeps getting
+    updates (the other client only reads the server's state and touches the resource)."""
     async with hub_of(lab, "sdk", SDK) as connect:
-        seen = Seen()
-        async with connect(seen) as client:
+        seen, watcher = Seen(), Seen()
+        async with connect(seen) as client, connect(watcher) as other:
             await client.set_logging_level("error")
             await client.subscribe_resource(URI)
             first = _spawned(lab)[-1]
             os.kill(first, signal.SIGKILL)
             await eventually(lambda: len(_spawned(lab)) == 2 and _active(lab), timeout=40)
 
-            async def fresh() -> dict[str, Any] | None:
+            async def replayed() -> dict[str, Any] | None:
                 try:
-                    return await state(client)
+                    found = await state(other)
                 except AssertionError:
                     return None  # the call raced the restart: ask again
+                return found if found["subscribed"] == [URI] else None
 
-            assert await eventually(fresh, timeout=20) == {"subscribed": [], "level": None, "received": []}
-            await text(client.call_tool("log", {"level": "info", "data": "no level any more"}))
-            await client.subscribe_resource(URI)  # not remembered by the hub: sent to the new process
-            assert (await state(client))["received"] == [["resources/subscribe", URI]]
-            await text(client.call_tool("touch", {"uris": [URI]}))
+            found = await eventually(replayed, timeout=20)
+            assert found["level"] == "error"
+            assert found["received"] == [["logging/setLevel", "error"], ["resources/subscribe", URI]]
+            await text(other.call_tool("log", {"level": "info", "data": "below the level"}))
+            await text(other.call_tool("log", {"level": "error", "data": "marker"}))
+            await text(other.call_tool("touch", {"uris": [URI]}))
             await seen.until(lambda m: m["method"] == "notifications/resources/updated")
-            assert seen.logs("no level any more") == 1
+            await seen.until_log("marker")
+            assert seen.updated() == [URI] and seen.logs("below the level") == 0
+            assert watcher.updated() == []  # not subscribed: not told
 
 
 def _spawned(lab: Lab) -> list[int]:

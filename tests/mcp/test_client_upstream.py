@@ -183,3 +183,71 @@ async def test_a_per_instance_session_follows_its_instance_across_a_restart_on_a
         assert second.live_sessions  # a new upstream session of this client, on the new port
     finally:
         await session.close("test over")
+
+
+async def test_a_clients_subscriptions_and_level_are_set_up_again_when_its_instance_comes_back(
+    live_hub: LiveHubFactory, flaky_mcp: Callable[..., Awaitable[FlakyMcp]]
+) -> None:
+    """The instance restarts (on another port): the hub opens the client's new upstream session
+    by itself and replays its level and its subscriptions — those still held — into it."""
+    first = await flaky_mcp()
+    live = await live_hub()
+    live.announce("k1", first.url, name="kept")
+    await live.reach("k1", "active")
+    session, _ = await _client(live, "subscriber", {})
+    try:
+        await _call(session, "instances_connect", {"instance_id": "kept"})
+        asked = [
+            ("logging/setLevel", {"level": "warning"}),
+            ("resources/subscribe", {"uri": "memo://a"}),
+            ("resources/subscribe", {"uri": "memo://b"}),
+            ("resources/unsubscribe", {"uri": "memo://b"}),
+        ]
+        for n, (method, params) in enumerate(asked, start=1):
+            answer = await session.handle({"jsonrpc": "2.0", "id": n, "method": method, "params": params})
+            assert answer == {"jsonrpc": "2.0", "id": n, "result": {}}
+        assert [r.message["params"] for r in first.posted("resources/subscribe")] == [
+            {"uri": "memo://a"}, {"uri": "memo://b"},
+        ]  # fmt: skip
+
+        await first.down()
+        await live.reach("k1", "dead")
+        second = await flaky_mcp()
+        live.announce("k1", second.url, name="kept")
+        await live.reach("k1", "active")
+        # No request from the client since: the replay is the hub's own.
+        await until(lambda: second.posted("resources/subscribe"), what="the subscription replayed")
+        replayed = [
+            (r.rpc_method, r.message["params"])
+            for r in second.posted("logging/setLevel") + second.posted("resources/subscribe")
+        ]
+        assert replayed == [("logging/setLevel", {"level": "warning"}), ("resources/subscribe", {"uri": "memo://a"})]
+        assert len(second.posted("initialize")) == 2  # the supervisor's and this client's, once
+    finally:
+        await session.close("test over")
+
+
+async def test_unbinding_ends_what_the_client_set_up(
+    live_hub: LiveHubFactory, flaky_mcp: Callable[..., Awaitable[FlakyMcp]]
+) -> None:
+    """A client that leaves an instance takes its subscriptions with it: nothing is replayed."""
+    first = await flaky_mcp()
+    live = await live_hub()
+    live.announce("k2", first.url, name="left")
+    await live.reach("k2", "active")
+    session, _ = await _client(live, "leaver", {})
+    try:
+        await _call(session, "instances_connect", {"instance_id": "left"})
+        subscribe = {"jsonrpc": "2.0", "id": 1, "method": "resources/subscribe", "params": {"uri": "memo://a"}}
+        assert "result" in (await session.handle(subscribe) or {})
+        await _call(session, "instances_disconnect")
+        await first.down()
+        await live.reach("k2", "dead")
+        second = await flaky_mcp()
+        live.announce("k2", second.url, name="left")
+        await live.reach("k2", "active")
+        await _call(session, "instances_connect", {"instance_id": "left"})
+        await _call(session, "echo", {"text": "after"})
+        assert second.posted("tools/call") and not second.posted("resources/subscribe")
+    finally:
+        await session.close("test over")

@@ -195,6 +195,8 @@ class FakeMcp:
             return "result", self._tools_page(params.get("cursor"))
         if method == "tools/call":
             return self._call_tool(params["name"], params.get("arguments") or {})
+        if method in ("resources/subscribe", "resources/unsubscribe", "logging/setLevel"):
+            return "result", {}  # accepted (what was asked is in `posted`)
         return "error", {"code": -32601, "message": "Method not found", "data": method}
 
     def _tools_page(self, cursor: str | None) -> dict[str, Any]:
