@@ -642,6 +642,10 @@ def serve(
     ping_timeout: Annotated[float, typer.Option(help="Seconds a ping may take.")] = 2.0,
     ping_misses: Annotated[int, typer.Option(min=1, help="Missed pings in a row that mean lost.")] = 3,
     connect_timeout: Annotated[float, typer.Option(help="Seconds a handshake may take.")] = 5.0,
+    start_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds a configured stdio server may take to spawn and handshake."),
+    ] = 30.0,
     backoff_base: Annotated[float, typer.Option(help="First reconnect backoff ceiling, seconds.")] = 0.5,
     backoff_cap: Annotated[float, typer.Option(help="Largest reconnect backoff, seconds.")] = 30.0,
     retry_attempts: Annotated[
@@ -700,6 +704,7 @@ def serve(
         ping_timeout=_positive("--ping-timeout", ping_timeout),
         ping_misses=ping_misses,
         connect_timeout=_positive("--connect-timeout", connect_timeout),
+        start_timeout=_positive("--start-timeout", start_timeout),
         backoff_base=_positive("--backoff-base", backoff_base),
         backoff_cap=_positive("--backoff-cap", backoff_cap),
         retry_attempts=retry_attempts,

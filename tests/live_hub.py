@@ -25,6 +25,7 @@ FAST = Timing(
     ping_timeout=0.1,
     ping_misses=1,
     connect_timeout=1.0,
+    start_timeout=1.0,
     backoff_base=0.01,
     backoff_cap=0.02,
     retry_attempts=2,

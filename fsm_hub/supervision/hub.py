@@ -14,6 +14,7 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -502,16 +503,17 @@ class Hub:
             def connector(_: str, instance_id: str = instance.id) -> Any:
                 return self._configured_client(instance_id)
         spec = self._specs.get(instance.id)
+        stdio = spec is not None and spec.kind == "stdio"
         supervisor = Supervisor(
             instance.id,
             instance.url or "",
             machine,
             connector=connector,
-            timing=self.timing,
+            timing=replace(self.timing, connect_timeout=self.timing.start_timeout) if stdio else self.timing,
             sleep=self._sleep,
             rng=self._rng,
             on_change=self._changed,
-            admission=self._starts if spec is not None and spec.kind == "stdio" else None,
+            admission=self._starts if stdio else None,
         )
         supervisor.last_error = instance.last_error
         self._supervisors[instance.id] = supervisor

@@ -54,6 +54,9 @@ class Timing:
     """Consecutive missed pings that make an active instance `lost`."""
     connect_timeout: float = 5.0
     """Handshake (initialize + tools/list) budget."""
+    start_timeout: float = 30.0
+    """The same budget for a configured stdio server, which is spawned first: `npx -y pkg`
+    downloads on its first run (Claude Desktop and Claude Code allow 30 s)."""
     backoff_base: float = 0.5
     backoff_factor: float = 2.0
     backoff_cap: float = 30.0

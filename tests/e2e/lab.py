@@ -21,7 +21,7 @@ FSM_HUB = str(Path(sys.executable).with_name("fsm-hub"))
 FAST = [
     "--ping-interval", "0.2", "--ping-timeout", "0.3", "--ping-misses", "2",
     "--backoff-base", "0.05", "--backoff-cap", "0.1", "--retry-attempts", "3",
-    "--connect-timeout", "1",
+    "--connect-timeout", "1", "--start-timeout", "1.5",
 ]  # fmt: skip
 
 

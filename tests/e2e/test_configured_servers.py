@@ -77,7 +77,7 @@ async def test_stdio_servers_are_instances_and_calls_reach_them(lab: Lab) -> Non
                     "cwd": str(REPO_ROOT)},
         },
     )
-    async with hub(lab, "--connect-timeout", "20") as (read, write), ClientSession(read, write) as client:
+    async with hub(lab, "--start-timeout", "20") as (read, write), ClientSession(read, write) as client:
         await client.initialize()
         await eventually(lambda: _all(client, {"light", "sdk"}, "active"), timeout=40)
         seen = await listed(client)
@@ -107,7 +107,7 @@ async def test_stdio_servers_are_instances_and_calls_reach_them(lab: Lab) -> Non
 async def test_server_everything_in_stdio_mode(lab: Lab) -> None:
     params = everything_stdio()
     write_config(config_path(lab), {"everything": {"command": params.command, "args": params.args}})
-    async with hub(lab, "--connect-timeout", "20") as (read, write), ClientSession(read, write) as client:
+    async with hub(lab, "--start-timeout", "20") as (read, write), ClientSession(read, write) as client:
         await client.initialize()
         await eventually(lambda: _all(client, {"everything"}, "active"), timeout=40)
         through = await client.call_tool(
@@ -126,7 +126,7 @@ async def test_server_everything_in_stdio_mode(lab: Lab) -> None:
     [
         (["exit-at-start"], ("connect_failed", "dead"),
          ["exited with code 2", "fatal: cannot open the database"]),
-        (["no-initialize"], ("connect_failed", "dead"), ["timed out"]),
+        (["no-initialize"], ("connect_failed", "dead"), ["timed out after 1.5s"]),  # --start-timeout
         (["flood-stderr", "2"], ("connected", "active"), []),
     ],
     ids=["exit-at-start", "no-initialize", "flood-stderr"],

@@ -113,7 +113,7 @@ def _serve_http(lab: Lab, config: Path) -> int:
         serving = subprocess.Popen(
             [FSM_HUB, "serve", "--http", f"127.0.0.1:{port}", "--db", str(lab.db),
              "--instances-dir", str(lab.instances_dir), "--config", str(config), *FAST,
-             "--connect-timeout", "20"],
+             "--start-timeout", "20"],
             stdout=subprocess.DEVNULL, stderr=stderr,
         )  # fmt: skip
     lab.processes.append(serving)
