@@ -231,3 +231,24 @@ def _own_config_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
     """No test (nor the hubs it spawns) may read or write the user's configured servers."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config-home")))
     monkeypatch.delenv("FSM_HUB_CONFIG", raising=False)
+
+
+# -- a lab: a temp directory with an instances dir and a log, and the processes a test started --
+
+import os  # noqa: E402
+import signal  # noqa: E402
+
+from tests.e2e.lab import Lab  # noqa: E402
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    """Used by the end-to-end tests and the hub's own: every process it started is stopped (and
+    resumed first, if a test left it SIGSTOPped)."""
+    lab = Lab(tmp_path)
+    lab.instances_dir.mkdir(mode=0o700)
+    yield lab
+    for process in lab.processes:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGCONT)
+    stop(lab.processes)

@@ -12,7 +12,7 @@ import resource
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,20 +20,11 @@ import pytest
 from tests.discovery.announcements import REMOVED_AND_BACK, assert_back_for_the_refusal
 from tests.e2e.lab import FSM_HUB, Lab, eventually, transitions
 from tests.servers.faults import free_port
-from tests.servers.launch import stop
 
 pytestmark = pytest.mark.e2e
 
 FD_LIMIT = 160
 """The hub's RLIMIT_NOFILE: room to start and connect, little enough to exhaust from outside."""
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    lab = Lab(tmp_path)
-    lab.instances_dir.mkdir(mode=0o700)
-    yield lab
-    stop(lab.processes)
 
 
 class HubProcess:
