@@ -16,7 +16,7 @@ from typing import Any
 
 import aiosqlite
 
-from fsm_hub.core.audit import Audit, audit
+from fsm_hub.core.audit import Audit, audit, audit_rows
 from fsm_hub.core.chain import GENESIS, link
 from fsm_hub.core.events import (
     HUB_STREAM,
@@ -33,7 +33,6 @@ from fsm_hub.store.port import EventReader, EventWriter
 from fsm_hub.store.schema import check_header, create_file, prepare
 from fsm_hub.store.snapshots import (
     Folded,
-    hashed_events,
     load_fold,
     snapshot_state,
     stored_snapshots,
@@ -51,6 +50,7 @@ _PRUNE_SNAPSHOTS = (
 KEEP_SNAPSHOTS = 3
 """Snapshots kept: the newest few (`instances --at` an older moment folds from the start)."""
 _COLUMNS = "seq, stream, version, type, at, data"
+_VERIFY = "SELECT seq, stream, version, type, at, data, hash FROM events ORDER BY seq"
 
 log = logging.getLogger(__name__)
 Subscriber = Callable[[Sequence[StoredEvent]], None]
@@ -166,8 +166,8 @@ class EventLog:
         db = self._connection
         try:
             seqs = stored_snapshots(db)
-            return audit(
-                hashed_events(db),
+            return audit_rows(
+                db.execute(_VERIFY),
                 chain=True,
                 snapshots=seqs,
                 load_snapshot=lambda seq: snapshot_state(db, seq),
