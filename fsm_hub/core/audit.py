@@ -188,7 +188,8 @@ def audit_rows(
     return result
 
 
-_NEVER = float("inf")
+_NEVER = 1 << 62
+"""A seq no log reaches (an int: comparing each row's int seq with a float costs)."""
 _Effect = tuple[str | None, str, str, bool, tuple[str, int, str | None] | None]
 """A transition payload, checked once: (event, from, to, illegal?, its effect on the fold)."""
 
