@@ -382,6 +382,13 @@ def main() -> int:
             events = log.count()
 
         if "startup" not in skip:
+            # Start-up as installed: `pip install .` writes fsm-hub's bytecode, an editable
+            # install under PYTHONDONTWRITEBYTECODE=1 (this machine's setting) never does, so
+            # every start would compile ~50 modules from source. Compile them once, as pip would.
+            compiled = subprocess.run(
+                [sys.executable, "-m", "compileall", "-q", str(REPO / "fsm_hub")], check=False
+            ).returncode == 0
+            print(f"fsm-hub bytecode compiled (as an install would): {compiled}", flush=True)
             floor = median(args.runs, lambda: run_child([sys.executable, "-c", "pass"])[0])
             measured = {
                 name: [serve_startup(db, nowhere) for _ in range(args.runs)]
@@ -447,8 +454,11 @@ def main() -> int:
             rows.append((f"  of which: snapshot + tail fold ({listed:,} instances)",
                          f"{statistics.median(folds):.3f} s", "in-process, no output", "", ""))  # fmt: skip
         if "verify" not in skip:
-            read = median(args.runs, lambda: bare_read(big))
-            verify = median(args.runs, lambda: verify_in_process(big))
+            # Interleaved pairs, so a burst of load from other work hits both sides of a ratio.
+            pairs = [(bare_read(big), verify_in_process(big)) for _ in range(args.runs)]
+            read = statistics.median(p[0] for p in pairs)
+            verify = statistics.median(p[1] for p in pairs)
+            speed = statistics.median(p[0] / p[1] for p in pairs)
             child = [
                 run_child([HUB, "replay", "--verify", "--json", "--db", str(big)])
                 for _ in range(max(1, args.runs // 2))
@@ -460,9 +470,9 @@ def main() -> int:
                 (
                     "replay --verify (chain, legality, snapshots)",
                     f"{verify:.2f} s",
-                    f"speed {read / verify:.2f} × the bare read",
+                    f"speed {speed:.2f} × the bare read (median of pairs)",
                     "≥ 0.5 ×",
-                    verdict(read / verify >= 0.5),
+                    verdict(speed >= 0.5),
                 ),
                 (
                     "replay --verify peak RSS (subprocess)",

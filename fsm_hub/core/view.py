@@ -97,6 +97,16 @@ class _Instance:
     retry_count: int = 0
     last_error: str | None = None
 
+    def take(self, at: str, target: str, retry_count: int, error: str | None) -> None:
+        """Apply one transition's effect (see `transition_effect`) committed at `at`."""
+        self.state, self.since = target, at
+        if target == "active":
+            self.retry_count, self.last_error = 0, None
+        else:
+            self.retry_count = retry_count
+            if error:
+                self.last_error = error
+
     def to_row(self) -> list[Any]:
         return [self.id, self.discovered_at, self.fields, self.state, self.since,
                 self.retry_count, self.last_error]
@@ -164,20 +174,20 @@ class Fold:
             self.head_hash = event.hash
         return self
 
-    def apply_decoded(self, event: StoredEvent, data: dict[str, Any] | None) -> None:
-        """Fold one event whose payload the caller already decoded (None: decode it here)."""
-        if event.type != _TRANSITION or data is None:
-            self.apply((event,))
-            return
-        instance = self._instances.get(event.stream)
+    def accumulator(self, stream: str, at: str) -> _Instance:
+        """The mutable state of `stream`'s instance, made if new (for `replay --verify`'s loop).
+
+        Whoever changes it directly must call `caught_up` before reading the fold.
+        """
+        instance = self._instances.get(stream)
         if instance is None:
-            instance = self._instances[event.stream] = _Instance(event.stream, event.at)
-        _take(instance, event, data)
-        self._dirty.add(event.stream)
-        self._events += 1
-        if event.at > self._max_at:
-            self._max_at = event.at
-        self._last_seq, self.head_hash = event.seq, event.hash
+            instance = self._instances[stream] = _Instance(stream, at)
+        return instance
+
+    def caught_up(self, *, events: int, last_seq: int, max_at: str, head_hash: bytes | None) -> None:
+        """Set the counters after changes made through `accumulator`; every view is rebuilt."""
+        self._events, self._last_seq, self._max_at, self.head_hash = events, last_seq, max_at, head_hash
+        self._dirty.update(self._instances)
 
     def _apply_rare(self, event: StoredEvent) -> None:
         kind = event.type
@@ -293,20 +303,22 @@ def _decode(event: StoredEvent) -> dict[str, Any]:
 
 
 def _transition(instance: _Instance, event: StoredEvent) -> None:
-    _take(instance, event, _decode(event))
+    effect = transition_effect(_decode(event))
+    if effect is not None:
+        instance.take(event.at, *effect)
 
 
-def _take(instance: _Instance, event: StoredEvent, data: dict[str, Any]) -> None:
+def transition_effect(data: dict[str, Any]) -> tuple[str, int, str | None] | None:
+    """What a transition payload does to its instance: (target, retry count, error to keep).
+
+    None for a malformed payload: `replay --verify` reports it; the view keeps the last good state.
+    """
     target = data.get("to")
     if not isinstance(target, str):
-        return  # malformed: `replay --verify` reports it; the view keeps the last good state
-    instance.state, instance.since = target, event.at
+        return None
     if target == "active":
-        instance.retry_count, instance.last_error = 0, None
-    else:
-        instance.retry_count = int(data.get("attempt") or 0)
-        if data.get("error"):
-            instance.last_error = str(data["error"])
+        return target, 0, None
+    return target, int(data.get("attempt") or 0), str(data["error"]) if data.get("error") else None
 
 
 def _finish(acc: _Instance, sessions: tuple[str, ...]) -> InstanceView:

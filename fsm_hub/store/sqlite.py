@@ -11,13 +11,14 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from fsm_hub.core.audit import Audit, audit
-from fsm_hub.core.chain import GENESIS, link
+from fsm_hub.core.audit import Audit, audit, audit_rows
+from fsm_hub.core.chain import GENESIS
 from fsm_hub.core.events import (
     HUB_STREAM,
     NewEvent,
@@ -33,7 +34,6 @@ from fsm_hub.store.port import EventReader, EventWriter
 from fsm_hub.store.schema import check_header, create_file, prepare
 from fsm_hub.store.snapshots import (
     Folded,
-    hashed_events,
     load_fold,
     snapshot_state,
     stored_snapshots,
@@ -51,6 +51,7 @@ _PRUNE_SNAPSHOTS = (
 KEEP_SNAPSHOTS = 3
 """Snapshots kept: the newest few (`instances --at` an older moment folds from the start)."""
 _COLUMNS = "seq, stream, version, type, at, data"
+_VERIFY = "SELECT seq, stream, version, type, at, data, hash FROM events ORDER BY seq"
 
 log = logging.getLogger(__name__)
 Subscriber = Callable[[Sequence[StoredEvent]], None]
@@ -166,8 +167,8 @@ class EventLog:
         db = self._connection
         try:
             seqs = stored_snapshots(db)
-            return audit(
-                hashed_events(db),
+            return audit_rows(
+                db.execute(_VERIFY),
                 chain=True,
                 snapshots=seqs,
                 load_snapshot=lambda seq: snapshot_state(db, seq),
@@ -371,8 +372,11 @@ class EventStore:
         if not batch.rows:
             return
         try:
-            await self._db.executemany(_INSERT, batch.rows)
-            await self._db.commit()
+            # One hop to the connection's thread for both statements, not one each: a durable
+            # commit per batch bounds the writer, and each hop adds a wake-up to every batch.
+            # aiosqlite has no public call for it; `_execute` is what its own methods use.
+            db = self._db
+            await db._execute(_insert_and_commit, db._conn, batch.rows)  # type: ignore[no-untyped-call]
         except Exception as exc:
             await self._forget_positions()
             await self._isolate(batch, exc)
@@ -423,9 +427,11 @@ class EventStore:
         if unknown:
             await self._load_versions(unknown)
         batch = _Batch()
+        rows, numbered = batch.rows, batch.pending
+        versions, seq, head = self._versions, self._seq, self._head
         for pending in queued:
             stream = pending.stream
-            current = self._versions[stream]
+            current = versions[stream]
             expected = pending.expected_version
             if expected is not None and expected != current:
                 _fail(
@@ -433,14 +439,15 @@ class EventStore:
                     ConcurrencyError(f"stream {stream!r} is at version {current}, not {expected}"),
                 )
                 continue
-            self._seq += 1
-            self._versions[stream] = current + 1
-            seq, version = self._seq, current + 1
-            self._head = link(self._head, seq, stream, version, pending.type, pending.at, pending.data_json)
-            batch.rows.append(
-                (seq, stream, version, pending.type, pending.at, pending.data_json, self._head)
-            )
-            batch.pending.append(pending)
+            seq += 1
+            version = versions[stream] = current + 1
+            kind, at, data = pending.type, pending.at, pending.data_json
+            # chain.link, inlined (it runs for every event, between a batch's commits).
+            canonical = f"{seq}\n{len(stream)}:{stream}\n{version}\n{len(kind)}:{kind}\n{at}\n{data}"
+            head = sha256(head + canonical.encode("utf-8", "surrogatepass")).digest()
+            rows.append((seq, stream, version, kind, at, data, head))
+            numbered.append(pending)
+        self._seq, self._head = seq, head
         return batch
 
     async def _load_versions(self, streams: set[str]) -> None:
@@ -484,6 +491,12 @@ class EventStore:
         sql, params = select_events(stream=stream, until=until, last=last)
         rows = await self._reader.execute_fetchall(sql, params)
         return [StoredEvent(*row) for row in rows]
+
+
+def _insert_and_commit(connection: sqlite3.Connection, rows: list[Any]) -> None:
+    """One batch, one transaction (sqlite3 opens it at the INSERT): runs on aiosqlite's thread."""
+    connection.executemany(_INSERT, rows)
+    connection.commit()
 
 
 def _is_version_conflict(error: Exception) -> bool:

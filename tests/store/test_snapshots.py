@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import sqlite3
 from datetime import timedelta
@@ -167,3 +168,27 @@ def test_the_sample_log_folds_the_same_with_a_snapshot(tmp_path: Path) -> None:
     path = builder.write(tmp_path / "s.db")
     asyncio.run(snapshot_at(path, 8))
     assert instances(path) == {i.id: i.to_json() for i in fold(builder.events).instances.values()}
+
+
+async def test_a_snapshot_in_another_encoding_of_the_same_state_verifies(
+    busy: tuple[Path, LogBuilder],
+) -> None:
+    """Verify compares the text first; a different text of an equal state is still equal."""
+    path, _ = busy
+    await snapshot_at(path, 150)
+    with sqlite3.connect(path) as db:
+        (state,) = db.execute("SELECT state FROM snapshots WHERE seq = 150").fetchone()
+        spaced = json.dumps(json.loads(state), indent=1)
+        assert spaced != state
+        db.execute("UPDATE snapshots SET state = ? WHERE seq = 150", (spaced,))
+    db.close()
+    with EventLog.open(path) as log:
+        report = log.verify()
+    assert (report.violations, report.snapshots_checked) == ([], 1)
+    with sqlite3.connect(path) as db:  # and a different state in that encoding is not
+        lying = spaced.replace('"retrying"', '"active"')
+        db.execute("UPDATE snapshots SET state = ? WHERE seq = 150", (lying,))
+    db.close()
+    with EventLog.open(path) as log:
+        report = log.verify()
+    assert report.violations == ["snapshot at seq 150: differs from the fold of the log up to it"]

@@ -436,3 +436,23 @@ class TestEventLog:
             assert reader.resolve("new") == "abc"
             with pytest.raises(UnknownInstance):
                 reader.resolve("old")
+
+
+async def test_each_stored_hash_is_the_chain_link_of_its_row(tmp_path: Path) -> None:
+    """The writer builds the chain's canonical bytes itself (inlined); they must be `link`'s."""
+    from fsm_hub.core.chain import GENESIS, link
+
+    store = await EventStore.open(tmp_path / "chain.db")
+    try:
+        await asyncio.gather(
+            *(store.append(f"s{n % 7}", "transition", {"n": n, "text": "ünïcode ☃"}) for n in range(50))
+        )
+    finally:
+        await store.close()
+    previous = GENESIS
+    with sqlite3.connect(tmp_path / "chain.db") as db:
+        rows = db.execute("SELECT seq, stream, version, type, at, data, hash FROM events ORDER BY seq")
+        for seq, stream, version, kind, at, data, stored in rows:
+            previous = link(previous, seq, stream, version, kind, at, data)
+            assert stored == previous, seq
+    db.close()
