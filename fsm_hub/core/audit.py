@@ -10,10 +10,9 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from hashlib import sha256
 from typing import Any
 
-from fsm_hub.core.chain import GENESIS
+from fsm_hub.core.chain import GENESIS, link_labelled, stream_label
 from fsm_hub.core.events import EventType, StoredEvent, decode_object
 from fsm_hub.core.machine import legal_targets
 from fsm_hub.core.view import SNAPSHOT_FORMAT, Fold, View, transition_effect
@@ -122,14 +121,12 @@ def audit_rows(
         last_seq = seq
         track = streams.get(stream)
         if track is None:
-            track = streams[stream] = _Stream(0, "discovered", f"\n{len(stream)}:{stream}\n")
+            track = streams[stream] = _Stream(0, "discovered", stream_label(stream))
         if version != track.version + 1:
             violate(f"seq {seq} ({stream} v{version}): version gap, expected v{track.version + 1}")
         track.version = version
         if chain:
-            # chain.link's canonical bytes (seq, stream, version, type, at, data), inlined.
-            canonical = f"{seq}{track.label}{version}\n{len(kind)}:{kind}\n{at}\n{text}"
-            computed = sha256(previous + canonical.encode("utf-8", "surrogatepass")).digest()
+            computed = link_labelled(previous, seq, track.label, version, kind, at, text)
             if stored != computed:
                 if first_broken is None:
                     first_broken = seq

@@ -11,14 +11,13 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from fsm_hub.core.audit import Audit, audit, audit_rows
-from fsm_hub.core.chain import GENESIS
+from fsm_hub.core.chain import GENESIS, link_labelled, stream_label
 from fsm_hub.core.events import (
     HUB_STREAM,
     NewEvent,
@@ -245,6 +244,8 @@ class EventStore:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._versions: dict[str, int] = {}
+        self._labels: dict[str, str] = {}
+        """Each stream's part of the chain's canonical bytes (`chain.stream_label`), kept."""
         self._seq = 0
         self._head = GENESIS
         self._snapshot: tuple[int, int, bytes, str, str, str] | None = None
@@ -428,7 +429,7 @@ class EventStore:
             await self._load_versions(unknown)
         batch = _Batch()
         rows, numbered = batch.rows, batch.pending
-        versions, seq, head = self._versions, self._seq, self._head
+        versions, seq, head, labels = self._versions, self._seq, self._head, self._labels
         for pending in queued:
             stream = pending.stream
             current = versions[stream]
@@ -442,9 +443,10 @@ class EventStore:
             seq += 1
             version = versions[stream] = current + 1
             kind, at, data = pending.type, pending.at, pending.data_json
-            # chain.link, inlined (it runs for every event, between a batch's commits).
-            canonical = f"{seq}\n{len(stream)}:{stream}\n{version}\n{len(kind)}:{kind}\n{at}\n{data}"
-            head = sha256(head + canonical.encode("utf-8", "surrogatepass")).digest()
+            label = labels.get(stream)
+            if label is None:
+                label = labels[stream] = stream_label(stream)
+            head = link_labelled(head, seq, label, version, kind, at, data)
             rows.append((seq, stream, version, kind, at, data, head))
             numbered.append(pending)
         self._seq, self._head = seq, head
