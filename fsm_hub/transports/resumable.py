@@ -141,6 +141,6 @@ class ResumableStream:
 def parse_event_id(event_id: str) -> tuple[str, int] | None:
     """``<key>-<n>`` as (key, n), or None for an id this module never issues."""
     key, dash, number = event_id.strip().rpartition("-")
-    if not dash or not key or not number.isdigit() or len(number) > 18:
+    if not dash or not key.isalnum() or not number.isdigit() or len(number) > 18:
         return None
     return key, int(number)
