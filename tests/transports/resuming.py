@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import aiohttp
@@ -21,6 +22,8 @@ INIT = {
     "params": {"protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
 }
 WAIT = 10.0
+PRIMING = re.compile(rb"(^|\n)data: ?\r?\n\r?\n")
+"""An SSE event without data, in a chunk of an HTTP body."""
 
 
 async def next_event(response: aiohttp.ClientResponse) -> dict[str, str] | None:
@@ -129,3 +132,57 @@ async def dropped_call(http: aiohttp.ClientSession, url: str, key: str) -> tuple
                 if message.get("id") == "g":
                     return messages, ids
     raise AssertionError(f"no answer after 50 GETs; got {messages}")
+
+
+class CuttingProxy:
+    """A TCP proxy that drops the connection carrying a call of ``tool`` once the server has
+    sent that call's priming event (an event with no data): a dropped SSE stream, no timer."""
+
+    def __init__(self, upstream_port: int, tool: str) -> None:
+        self.upstream_port = upstream_port
+        self.marker = f'"name":"{tool}"'.encode()
+        self.cut = asyncio.Event()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._tasks:
+            task.cancel()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        calls = [False]
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, upward: bool) -> None:
+            while chunk := await source.read(65536):
+                if upward and self.marker in chunk.replace(b" ", b""):
+                    calls[0] = True
+                if not upward and calls[0] and not self.cut.is_set() and PRIMING.search(chunk):
+                    self.cut.set()  # the client gets what came with the priming event, then nothing
+                    sink.write(chunk)
+                    await sink.drain()
+                    sink.transport.abort()  # type: ignore[attr-defined]
+                    up_writer.transport.abort()  # type: ignore[attr-defined]
+                    return
+                sink.write(chunk)
+                await sink.drain()
+            sink.close()
+
+        try:
+            await asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer, False))
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.transport.abort()  # type: ignore[attr-defined]
+            up_writer.transport.abort()  # type: ignore[attr-defined]
+            self._tasks.discard(task)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 import pytest
+from mcp import Client
 
 from fsm_hub.mcp.protocol import instance_url
 from fsm_hub.transports.http import BACKLOG, HttpEndpoint, HttpLimits
@@ -18,6 +20,7 @@ from tests.live_hub import until
 from tests.servers.faults import FakeMcp
 from tests.servers.launch import SdkServerFactory
 from tests.transports.resuming import (
+    CuttingProxy,
     call,
     dropped_call,
     message_of,
@@ -289,3 +292,41 @@ async def test_through_the_hub_and_directly_the_sdk_server_resumes_the_same(
 async def until_unfollowed(stream: ResumableStream) -> None:
     """Wait until the server noticed a dropped connection and let the stream go."""
     await until(lambda: not stream.followed, what=f"{stream.key} let go")
+
+
+async def sdk_client_call_over_a_cut(url: str, gate_url: str, key: str) -> tuple[Any, list[Any]]:
+    """The official SDK `Client` calls `gated` through a proxy that drops its stream after the
+    priming event; the gate opens once it has; the client resumes on its own."""
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    proxy = CuttingProxy(port, "gated")
+    await proxy.start()
+    seen: list[Any] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    try:
+        proxied = url.replace(f":{port}/", f":{proxy.port}/", 1)
+        # legacy: the initialize handshake at 2025-11-25, the last revision with resumable streams
+        async with aiohttp.ClientSession() as http, Client(proxied, mode="legacy") as client:
+            gated_call = client.call_tool("gated", {"key": key}, progress_callback=on_progress)
+            call_ = asyncio.ensure_future(gated_call)
+            await asyncio.wait_for(proxy.cut.wait(), 10)
+            headers = await open_session(http, gate_url)
+            await call(http, gate_url, headers, tool_call("open_gate", {"key": key}, "o"))
+            result = await asyncio.wait_for(call_, 20)
+    finally:
+        await proxy.stop()
+    return result.model_dump(mode="json", by_alias=True, exclude_none=True), seen
+
+
+async def test_the_sdk_client_resumes_a_cut_stream_through_the_hub_as_from_the_sdk_server(
+    endpoints: Endpoints, sdk_server: SdkServerFactory
+) -> None:
+    _, url = await gate_endpoint(endpoints, sdk_server)
+    through_hub = await sdk_client_call_over_a_cut(url, url, "client")
+    direct_url = sdk_server(event_store=True)
+    direct = await sdk_client_call_over_a_cut(direct_url, direct_url, "client")
+    assert through_hub == direct
+    assert direct[0]["content"] == [{"type": "text", "text": "gate client passed"}]
+    assert direct[1] == [(1.0, 2.0, "waiting"), (2.0, 2.0, "opened")]
