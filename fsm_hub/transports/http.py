@@ -6,6 +6,10 @@ Nothing can hold it open: connections are capped and idle ones closed (`connecti
 bodies are read under a deadline and size limit, sessions expire when idle and are capped in
 number. On the private endpoint (a `token` is set) the token is checked before a body is read,
 and a session ends with the GET stream of the bridge that opened it.
+
+Streams are resumable (`resumable.py`): the GET stream and every POST answered as SSE carry
+event ids, and a GET with `Last-Event-ID` replays the rest of the stream it names and follows
+it on; a POST stream whose connection drops keeps collecting until its call ends.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ from fsm_hub.mcp.jsonrpc import (
 from fsm_hub.mcp.protocol import JSON, SESSION_HEADER, SSE, accepts, ip_literal, is_loopback, split_host
 from fsm_hub.mcp.session import METHODS, Session, request_emit
 from fsm_hub.supervision.hub import Hub
-from fsm_hub.transports.connections import ConnectionGuard, Guarded, retrieve
+from fsm_hub.transports.connections import ConnectionGuard, retrieve
 from fsm_hub.transports.dashboard import Dashboard
+from fsm_hub.transports.resumable import ResumableStream, parse_event_id
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +52,13 @@ RELAYED_HEADER: Final = "X-Fsm-Hub-Relayed"
 (whose GET streams come and go), not a bridge's."""
 INSTANCE_PATH: Final = "/instances/{ref}/mcp"
 """A per-instance endpoint: that instance's own MCP, unprefixed, no hub tools."""
-PRIMING_RETRY_MS: Final = 1000
-"""The reconnection delay a per-instance endpoint's priming event suggests."""
 BACKLOG: Final = 256
-"""Server messages a session keeps while no GET stream is open to carry them (oldest dropped)."""
+"""Events a session's GET stream keeps (oldest dropped): those no GET connection has carried
+yet, and after them the last ones carried, for a client resuming with `Last-Event-ID`."""
+POST_EVENTS: Final = 1024
+"""Events a POST stream keeps (oldest dropped) until its answer is delivered."""
+GET_STREAM: Final = "get"
+"""The key of a session's GET stream in its event ids (`get-<n>`; POST streams are `p<k>-<n>`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,16 +78,25 @@ class HttpLimits:
     body_timeout: float = 30.0
     """Seconds a request body may take to arrive."""
     max_body: int = jsonrpc.MAX_MESSAGE
+    stream_keep: float = 300.0
+    """Seconds a POST stream whose connection dropped is kept, once its call has ended, for a
+    client to resume it (with `Last-Event-ID`) and get the answer."""
 
 
 @dataclass(slots=True)
 class HttpSession:
     session: Session
-    outbox: asyncio.Queue[dict[str, Any]]
-    """Server-initiated messages for the session's GET stream; kept (up to BACKLOG) until one
-    is open, so a notification sent just before the client opens it is not lost."""
+    get_stream: ResumableStream
+    """Server-initiated messages for the session's GET stream; kept (up to BACKLOG) while no
+    GET is open, so a notification sent just before the client opens it is not lost, and after
+    they were carried, so a client that lost its connection can resume after the last it saw."""
     last_seen: float
     """When the session last had a request (on the endpoint's clock)."""
+    posts: dict[str, ResumableStream] = field(default_factory=dict)
+    """Its POST streams that may still be resumed: a call still running, or an answer not yet
+    delivered (kept `stream_keep` seconds after the call ended)."""
+    opened: int = 0
+    """POST streams opened so far (the next one is `p<opened + 1>`)."""
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
     """The handlers of its open GET streams, ended when the session is."""
     requests: int = 0
@@ -91,6 +108,29 @@ class HttpSession:
         """Seconds the session has been idle; 0 while it has a request or an open stream."""
         return 0.0 if self.requests or self.streams else now - self.last_seen
 
+    def post_stream(self) -> ResumableStream:
+        """A new POST stream (registered for resumption once it is answered as SSE)."""
+        self.opened += 1
+        return ResumableStream(f"p{self.opened}", POST_EVENTS)
+
+    def resumed(self, last_event_id: str) -> tuple[ResumableStream, int] | None:
+        """The stream ``Last-Event-ID`` names, and the event to resume after; None if unknown."""
+        parsed = parse_event_id(last_event_id)
+        if parsed is None:
+            return None
+        key, seq = parsed
+        stream = self.get_stream if key == GET_STREAM else self.posts.get(key)
+        if stream is None or not stream.holds(seq):
+            return None
+        return stream, seq
+
+    def expire_streams(self, now: float, keep: float) -> None:
+        """Forget the POST streams whose call ended ``keep`` seconds ago and nobody follows."""
+        for key, stream in list(self.posts.items()):
+            ended = stream.finished_at
+            if ended is not None and now - ended >= keep and not stream.followed:
+                del self.posts[key]
+
     async def close(self, reason: str) -> None:
         for stream in self.streams:
             stream.cancel()
@@ -99,7 +139,7 @@ class HttpSession:
     def __repr__(self) -> str:
         return (
             f"<HttpSession {self.session.id[:8]} requests={self.requests} streams={len(self.streams)}"
-            f" bound={self.session.bound}>"
+            f" posts={len(self.posts)} bound={self.session.bound}>"
         )
 
 
@@ -129,7 +169,6 @@ class HttpEndpoint:
         self._runner: web.AppRunner | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping = False
-        self._primed = 0
 
     def __repr__(self) -> str:
         kind = "private" if self.token is not None else "public"
@@ -167,8 +206,13 @@ class HttpEndpoint:
     # -- expiry -----------------------------------------------------------------------------
 
     async def expire_idle(self) -> list[str]:
-        """Close the sessions idle for `session_idle` seconds; their ids then get 404."""
+        """Close the sessions idle for `session_idle` seconds; their ids then get 404.
+
+        Also forgets the POST streams kept `stream_keep` seconds after their call ended.
+        """
         now = self.clock()
+        for entry in self.sessions.values():
+            entry.expire_streams(now, self.limits.stream_keep)
         expired = [
             entry for entry in self.sessions.values() if entry.idle_since(now) >= self.limits.session_idle
         ]
@@ -286,12 +330,20 @@ class HttpEndpoint:
         # Plain JSON unless the request sends something first (progress, logs, an instance's
         # sampling or elicitation request): then the answer becomes an SSE stream carrying it.
         # A tool call on a per-instance endpoint is always an SSE answer opening with a priming
-        # event (SEP-1699), as the instance's own would be.
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        # event (SEP-1699), as the instance's own would be. Either stream is resumable.
+        stream = entry.post_stream()
+        prime = entry.session.instance_ref is not None and _is_tool_call(message)
+        if prime:
+            stream.append(None)
+        sent_first: list[bool] = []
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def emit(sent: dict[str, Any]) -> None:
-            queue.put_nowait(sent)
+            if stream.finished:  # e.g. a late progress notification after the answer
+                log.debug("fsm-hub: %s after its answer, not sent: %s", stream.key, sent.get("method"))
+                return
+            stream.append(sent)
+            sent_first.append(True)
             if not first.done():
                 first.set_result(None)
 
@@ -301,67 +353,75 @@ class HttpEndpoint:
         finally:
             request_emit.reset(token)
         work.add_done_callback(functools.partial(_settle, first))
-        prime = entry.session.instance_ref is not None and _is_tool_call(message)
         try:
             await asyncio.shield(first)
         except asyncio.CancelledError:
             work.add_done_callback(retrieve)  # a disconnect is not a cancellation
             raise
-        if work.done() and queue.empty():
+        if work.done() and not sent_first:
             answer = work.result()
             if answer is None:  # cancelled by the client
                 return web.Response(status=202, headers=headers)
-            if prime:  # the whole stream at once: as cheap as JSON
-                body = self._priming() + _sse(answer)
-                stream_headers = {**headers, "Content-Type": SSE, "Cache-Control": "no-cache"}
-                return web.Response(body=body, headers=stream_headers)
-            return web.Response(body=jsonrpc.encode_answer(answer), content_type=JSON, headers=headers)
-        return await self._answer_as_stream(request, work, queue, headers, prime=prime)
+            if not prime:
+                return web.Response(body=jsonrpc.encode_answer(answer), content_type=JSON, headers=headers)
+        # From here the call's end finishes the stream, whoever follows it by then.
+        work.add_done_callback(functools.partial(self._conclude, stream))
+        entry.posts[stream.key] = stream
+        response = web.StreamResponse(headers={**headers, "Content-Type": SSE, "Cache-Control": "no-cache"})
+        try:
+            await response.prepare(request)
+        except ConnectionResetError:
+            return response  # the stream is kept: a GET with its priming id resumes it
+        await self._carry(request, response, entry, stream)
+        return response
 
-    def _priming(self) -> bytes:
-        """A priming event (SEP-1699): an id and a reconnection delay, no data."""
-        self._primed += 1
-        return f"id: {self._primed}\nretry: {PRIMING_RETRY_MS}\ndata:\n\n".encode()
+    def _conclude(self, stream: ResumableStream, work: asyncio.Future[Any]) -> None:
+        """The call has ended: its answer (if any) is the stream's last event."""
+        if work.cancelled():
+            answer = None
+        elif (exc := work.exception()) is not None:
+            log.error("fsm-hub: answering %s failed: %s", stream.key, exc)
+            answer = None
+        else:
+            answer = work.result()
+        if answer is not None:
+            stream.append(answer)
+        stream.finish(self.clock())
 
-    async def _answer_as_stream(
+    async def _carry(
         self,
         request: web.Request,
-        work: asyncio.Future[Any],
-        queue: asyncio.Queue[dict[str, Any]],
-        headers: dict[str, str],
-        *,
-        prime: bool = False,
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(headers={**headers, "Content-Type": SSE, "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        if prime:
-            await response.write(self._priming())
-        getter: asyncio.Future[dict[str, Any]] | None = None
+        response: web.StreamResponse,
+        entry: HttpSession,
+        stream: ResumableStream,
+        after: int | None = None,
+    ) -> bool:
+        """Write ``stream``'s events after ``after`` onto ``response`` while this connection holds it.
+
+        True once the whole stream is delivered (a POST stream's answer: the response ends and
+        the stream is forgotten); False if the connection was lost or another one took over.
+        A disconnect is not a cancellation (the spec says so): the call runs on, its stream
+        keeps collecting for a client that resumes it.
+        """
+        guarded = self.connections.of(request.transport)
+        lost = guarded.lost if guarded is not None else None
+        events = stream.follow(after, lost)
         try:
-            while True:
-                while not queue.empty():
-                    await response.write(_sse(queue.get_nowait()))
-                if work.done():
-                    break
-                getter = asyncio.ensure_future(queue.get())
-                await asyncio.wait((work, getter), return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    await response.write(_sse(getter.result()))
-                else:
-                    getter.cancel()
-                getter = None
+            async for event in events:
+                await response.write(event.encode(stream.key))
+        except ConnectionResetError:
+            return False
         finally:
-            if getter is not None:
-                getter.cancel()
-            if not work.done():
-                # The client went away: a disconnect is not a cancellation (the spec says so),
-                # so the call runs to its end; nobody is left to read its answer.
-                work.add_done_callback(retrieve)
-        answer = work.result()
-        if answer is not None:
-            await response.write(sse.encode_event(jsonrpc.encode_answer(answer)))
-        await response.write_eof()
-        return response
+            await events.aclose()
+        if not stream.complete or (lost is not None and lost.done()):
+            return False
+        if entry.posts.get(stream.key) is stream:
+            del entry.posts[stream.key]
+        try:
+            await response.write_eof()
+        except ConnectionResetError:
+            pass
+        return True
 
     def _checked_session(self, request: web.Request) -> HttpSession | web.Response:
         """The request's session once Host, Origin and token pass, else the refusal to send."""
@@ -374,6 +434,18 @@ class HttpEndpoint:
             return found
         if not accepts(request.headers.get("Accept", ""), SSE):
             return web.Response(status=406, text="GET /mcp needs Accept: text/event-stream")
+        # Last-Event-ID names the stream to resume (the GET stream or a POST's) and where. An id
+        # this session did not issue, or of a stream forgotten since, resumes nothing: the GET
+        # opens the session's GET stream as without the header (replay is a MAY; what another
+        # stream would have carried is never replayed here).
+        stream, after = found.get_stream, None
+        last_event_id = request.headers.get("Last-Event-ID")
+        if last_event_id is not None:
+            resumed = found.resumed(last_event_id)
+            if resumed is None:
+                log.debug("fsm-hub: Last-Event-ID %r resumes nothing in its session", last_event_id[:80])
+            else:
+                stream, after = resumed
         response = web.StreamResponse(
             headers={SESSION_HEADER: found.session.id, "Content-Type": SSE, "Cache-Control": "no-cache"}
         )
@@ -381,26 +453,24 @@ class HttpEndpoint:
         assert handler is not None
         found.streams.add(handler)  # before any await: closing the session must find it
         guarded = self.connections.of(request.transport)
-        message: dict[str, Any] | None = None
         lost = False
         try:
             await response.prepare(request)
             await response.write(sse.COMMENT)
-            while True:
-                message = await _next_or_lost(found.outbox, guarded)
-                if message is None:
-                    lost = True
-                    break
-                await response.write(_sse(message))
-                message = None
+            delivered = await self._carry(request, response, found, stream, after)
+            lost = not delivered and (guarded is None or guarded.lost.done())
         except (ConnectionResetError, asyncio.CancelledError):
             lost = not found.session.closed
-            if message is not None and found.session.id in self.sessions:
-                _keep(found.outbox, message)  # not delivered: the next stream gets it
         finally:
             found.streams.discard(handler)
             found.last_seen = self.clock()
-        if lost and found.ends_with_stream and not found.streams and found.session.id in self.sessions:
+        if (
+            lost
+            and stream is found.get_stream
+            and found.ends_with_stream
+            and not found.streams
+            and found.session.id in self.sessions
+        ):
             # A bridge keeps its GET stream open for its whole life: the stream ending means
             # the bridge process is gone, and so is its session.
             self.sessions.pop(found.session.id, None)
@@ -437,9 +507,9 @@ class HttpEndpoint:
 
     def _new_session(self, instance: str | None = None) -> HttpSession:
         session_id = secrets.token_hex(16)
-        outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        session = Session(self.hub, session_id, functools.partial(_keep, outbox), instance=instance)
-        entry = HttpSession(session, outbox, self.clock())
+        get_stream = ResumableStream(GET_STREAM, BACKLOG)
+        session = Session(self.hub, session_id, get_stream.append, instance=instance)
+        entry = HttpSession(session, get_stream, self.clock())
         self.sessions[session_id] = entry
         return entry
 
@@ -516,23 +586,6 @@ class GuardedSite(web.TCPSite):
         )
 
 
-async def _next_or_lost(
-    outbox: asyncio.Queue[dict[str, Any]], guarded: Guarded | None
-) -> dict[str, Any] | None:
-    """The next message for a GET stream, or None once its connection is gone."""
-    if guarded is None:
-        return await outbox.get()
-    getter = asyncio.ensure_future(outbox.get())
-    try:
-        await asyncio.wait((getter, guarded.lost), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not getter.done():
-            getter.cancel()
-    if getter.done() and not getter.cancelled():
-        return getter.result()
-    return None
-
-
 def _loopback_origin(origin: str) -> bool:
     try:
         return is_loopback(urlsplit(origin).hostname or "")
@@ -562,13 +615,3 @@ def _is_tool_call(message: Any) -> bool:
 def _settle(first: asyncio.Future[None], _: object) -> None:
     if not first.done():
         first.set_result(None)
-
-
-def _keep(outbox: asyncio.Queue[dict[str, Any]], message: dict[str, Any]) -> None:
-    if outbox.qsize() >= BACKLOG:
-        outbox.get_nowait()
-    outbox.put_nowait(message)
-
-
-def _sse(message: Any) -> bytes:
-    return sse.encode_event(jsonrpc.encode_answer(message))

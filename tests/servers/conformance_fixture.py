@@ -23,7 +23,6 @@ import mcp_types
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.prompts.base import Message, UserMessage
-from mcp.server.streamable_http import EventCallback, EventId, EventMessage, StreamId
 
 from tests.servers.sdk_server import MemoryEventStore
 
@@ -97,22 +96,6 @@ JSON_SCHEMA_2020_12: dict[str, Any] = {
     "additionalProperties": False,
 }
 """The input schema scenario `json-schema-2020-12` expects verbatim (SEP-1613, SEP-2106)."""
-
-
-class ReplayingEventStore(MemoryEventStore):
-    """Keeps every event so a client that reconnects with Last-Event-ID gets what it missed."""
-
-    async def replay_events_after(
-        self, last_event_id: EventId, send_callback: EventCallback
-    ) -> StreamId | None:
-        position = next((i for i, event in enumerate(self._events) if event[1] == last_event_id), None)
-        if position is None:
-            return None
-        stream_id = self._events[position][0]
-        for stream, event_id, message in self._events[position + 1 :]:
-            if stream == stream_id and message is not None:
-                await send_callback(EventMessage(message, event_id))
-        return stream_id
 
 
 class ConformanceServer(MCPServer[object]):
@@ -439,7 +422,7 @@ def main() -> None:
         "streamable-http",
         host=args.host,
         port=args.port,
-        event_store=ReplayingEventStore(),
+        event_store=MemoryEventStore(),
         retry_interval=RETRY_MS,
     )
 

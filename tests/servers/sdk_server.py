@@ -12,11 +12,15 @@ import itertools
 
 import mcp_types
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.streamable_http import EventCallback, EventId, EventStore, StreamId
+from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
+
+TOOLS = frozenset({"echo", "add", "progress", "sleep", "gated", "open_gate", "fail", "add_tool"})
+"""The names of the tools `build_server` serves."""
 
 
 class MemoryEventStore(EventStore):
-    """Keeps events in a list; its only purpose is to make the SDK send priming events."""
+    """Keeps every event, so SSE streams open with a priming event and a client that
+    reconnects with Last-Event-ID gets what it missed on that stream (and nothing else)."""
 
     def __init__(self) -> None:
         self._events: list[tuple[StreamId, EventId, mcp_types.JSONRPCMessage | None]] = []
@@ -30,7 +34,14 @@ class MemoryEventStore(EventStore):
     async def replay_events_after(
         self, last_event_id: EventId, send_callback: EventCallback
     ) -> StreamId | None:
-        return None
+        position = next((i for i, event in enumerate(self._events) if event[1] == last_event_id), None)
+        if position is None:
+            return None
+        stream_id = self._events[position][0]
+        for stream, event_id, message in self._events[position + 1 :]:
+            if stream == stream_id and message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream_id
 
 
 def build_server() -> MCPServer[object]:
@@ -59,6 +70,25 @@ def build_server() -> MCPServer[object]:
         """Answer after `seconds`; lets tests hit their own timeout against a real server."""
         await asyncio.sleep(seconds)
         return "slept"
+
+    gates: dict[str, asyncio.Event] = {}
+
+    @server.tool()
+    async def gated(key: str, ctx: Context) -> str:
+        """Report progress 1/2, wait until `open_gate(key)` is called, report 2/2, answer.
+
+        A call that is in flight for exactly as long as a test wants, with no timer.
+        """
+        await ctx.report_progress(1, 2, "waiting")
+        await gates.setdefault(key, asyncio.Event()).wait()
+        await ctx.report_progress(2, 2, "opened")
+        return f"gate {key} passed"
+
+    @server.tool()
+    def open_gate(key: str) -> str:
+        """Let the `gated(key)` call (now or to come) finish."""
+        gates.setdefault(key, asyncio.Event()).set()
+        return f"opened {key}"
 
     @server.tool()
     def fail(message: str) -> str:

@@ -42,6 +42,7 @@ from fsm_hub.supervision.supervisor import (
 from tests.servers.faults import GARBAGE_TOOLS, PRELUDE, FakeMcp, refused_url
 from tests.servers.flaky import FlakyMcp
 from tests.servers.launch import SdkServerFactory, spawn_sdk_server, stop
+from tests.servers.sdk_server import TOOLS
 from tests.supervision import (
     Committed,
     ManualClock,
@@ -57,7 +58,7 @@ from tests.supervision import (
 ID = "7f3a"
 SEED = 1234
 TIMING = Timing()  # the defaults: 5 s pings, 2 s ping timeout, 3 misses, 5 s handshake, 8 attempts
-SDK_TOOLS = {"echo", "add", "progress", "sleep", "fail", "add_tool"}
+SDK_TOOLS = TOOLS
 FROZEN = "2026-11-25T03:02:11.402113Z"
 
 FakeFactory = Callable[..., Awaitable[FakeMcp]]
