@@ -691,7 +691,7 @@ def serve(
     from fsm_hub.serve.process import ServeOptions
     from fsm_hub.serve.process import serve as run_hub
     from fsm_hub.supervision.supervisor import Timing
-    from fsm_hub.transports.http import HttpLimits
+    from fsm_hub.transports.limits import HttpLimits
 
     logging.basicConfig(stream=sys.stderr, level=log_level.value.upper(), format="%(message)s")
     logging.getLogger("fsm_hub.banner").setLevel(logging.CRITICAL + 1 if quiet else logging.INFO)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+from typing import Final
+
 
 class FsmHubError(Exception):
     """Base of every error fsm-hub raises on purpose."""
@@ -59,6 +62,10 @@ class TransportError(FsmHubError):
 
 class LocalResourceError(TransportError):
     """The hub itself ran out of something (fds, memory, processes): no evidence about the server."""
+
+
+LOCAL_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN})
+"""Failures of the hub's own resources (creating a socket or a process), not of the server."""
 
 
 class SessionExpired(TransportError):

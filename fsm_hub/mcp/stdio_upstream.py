@@ -38,13 +38,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from fsm_hub import __version__
-from fsm_hub.errors import LocalResourceError, TransportError
+from fsm_hub.errors import LOCAL_ERRNOS, LocalResourceError, TransportError
 from fsm_hub.mcp.jsonrpc import request as _encode
 from fsm_hub.mcp.jsonrpc import result_of, snippet
 from fsm_hub.mcp.methods import OnMessage, UpstreamMethods
 from fsm_hub.mcp.protocol import LATEST as PROTOCOL_VERSION
 from fsm_hub.mcp.protocol import PROTOCOL_VERSIONS as SUPPORTED_PROTOCOL_VERSIONS
-from fsm_hub.mcp.upstream import LOCAL_ERRNOS
 
 log = logging.getLogger(__name__)
 

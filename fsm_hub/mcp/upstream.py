@@ -13,11 +13,18 @@ import inspect
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import aiohttp
 
-from fsm_hub.errors import FsmHubError, LocalResourceError, McpError, SessionExpired, TransportError
+from fsm_hub.errors import (
+    LOCAL_ERRNOS,
+    FsmHubError,
+    LocalResourceError,
+    McpError,
+    SessionExpired,
+    TransportError,
+)
 from fsm_hub.mcp import jsonrpc
 from fsm_hub.mcp.jsonrpc import JsonRpcDecodeError, answers, error_of, result_of, snippet
 from fsm_hub.mcp.methods import OnMessage, UpstreamMethods
@@ -54,6 +61,10 @@ class McpClient(UpstreamMethods):
     Safe to share between concurrent tasks: requests are independent HTTP exchanges and
     re-initialization after a lost session happens once, however many calls noticed it.
     """
+
+    notifications_apart: ClassVar[bool] = True
+    """Its notifications come on a stream of their own (the GET stream), not with the answers:
+    a supervisor may stop reading it during a storm without holding up pings."""
 
     def __init__(
         self,
@@ -625,10 +636,6 @@ class McpClient(UpstreamMethods):
         if isinstance(exc, aiohttp.ClientOSError) and exc.errno == errno.ECONNRESET:
             return f"{self.url} reset the connection"
         return f"{self.url}: {type(exc).__name__}: {' '.join(str(exc).split())}"
-
-
-LOCAL_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN})
-"""Failures of the hub's own resources (creating a socket or a process), not of the server."""
 
 
 def _transport_error(exc: OSError | aiohttp.ClientError, detail: str) -> TransportError:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import secrets
 import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fsm_hub.discovery.config import ConfiguredServers
 from fsm_hub.discovery.directory import Discovery, process_is_running
@@ -24,14 +25,16 @@ from fsm_hub.mcp.jsonrpc import INTERNAL_ERROR, JsonRpcDecodeError, decode_error
 from fsm_hub.mcp.session import Session
 from fsm_hub.observe import banner
 from fsm_hub.serve.attach import AttachMachine
-from fsm_hub.serve.bridge import Bridge, OwnerGone
 from fsm_hub.serve.ownership import Owner, Ownership
-from fsm_hub.serve.relay import HttpRelay
 from fsm_hub.store.sqlite import EventStore
 from fsm_hub.supervision.hub import DEFAULT_START_LIMIT, Hub
 from fsm_hub.supervision.supervisor import DEFAULT_TIMING, Timing
-from fsm_hub.transports.http import HttpEndpoint, HttpLimits
+from fsm_hub.transports.limits import HttpLimits
 from fsm_hub.transports.stdio import StdioChannel
+
+if TYPE_CHECKING:
+    from fsm_hub.serve.relay import HttpRelay
+    from fsm_hub.transports.http import HttpEndpoint
 
 log = logging.getLogger(__name__)
 TAKEOVER_WAIT = 10.0
@@ -76,11 +79,17 @@ class OwnedHub:
         self.store: EventStore | None = None
         self.hub: Hub | None = None
         self.endpoints: list[HttpEndpoint] = []
+        self._advertising: asyncio.Task[None] | None = None
 
-    async def start(self, *, settle: float = 0.0) -> Hub:
+    async def start(self, *, settle: float = 0.0, advertise_later: bool = False) -> Hub:
         """Start the hub and its endpoints; advertise the private one once instances have had up
         to `settle` seconds to reconnect (a takeover: the attached clients' next calls then find
-        their instances active, not still connecting)."""
+        their instances active, not still connecting).
+
+        `advertise_later`: the private endpoint starts in the background, its aiohttp imported in
+        a thread, so a stdio client's first answers do not wait for ~0.2 s of imports; attaching
+        processes wait for the advertisement anyway (`_wait_for_owner`).
+        """
         options = self.options
         self.store = await EventStore.open(options.db)
         discovery = Discovery(options.instances_dir, allow_remote=options.allow_remote)
@@ -98,11 +107,14 @@ class OwnedHub:
                 await asyncio.wait_for(self.hub.discovered.wait(), DISCOVERY_HEAD_START)
             if settle:
                 await self.hub.settle(settle)
-            token = secrets.token_urlsafe(24)
-            private = HttpEndpoint(self.hub, "127.0.0.1", 0, token=token, limits=options.limits)
-            self.endpoints.append(private)
-            self.ownership.advertise(await private.start(), token)
+            if advertise_later:
+                self._advertising = asyncio.create_task(self._advertise(), name="fsm-hub-private-endpoint")
+                self._advertising.add_done_callback(_advertised)
+            else:
+                await self._advertise()
             if options.http is not None:
+                from fsm_hub.transports.http import HttpEndpoint
+
                 public = HttpEndpoint(self.hub, *options.http, limits=options.limits)
                 self.endpoints.append(public)
                 url = await public.start()
@@ -115,7 +127,20 @@ class OwnedHub:
             raise
         return self.hub
 
+    async def _advertise(self) -> None:
+        """Serve the token-protected endpoint attaching processes use, and say where it is."""
+        assert self.hub is not None
+        http = await asyncio.to_thread(importlib.import_module, "fsm_hub.transports.http")
+        token = secrets.token_urlsafe(24)
+        private = http.HttpEndpoint(self.hub, "127.0.0.1", 0, token=token, limits=self.options.limits)
+        self.endpoints.append(private)
+        self.ownership.advertise(await private.start(), token)
+
     async def stop(self, reason: str) -> None:
+        advertising, self._advertising = self._advertising, None
+        if advertising is not None and not advertising.done():
+            advertising.cancel()
+            await asyncio.gather(advertising, return_exceptions=True)
         for endpoint in self.endpoints:
             with contextlib.suppress(Exception):
                 await endpoint.stop()
@@ -138,7 +163,7 @@ async def serve(options: ServeOptions) -> int:
         await channel.open()
     if ownership.try_acquire():
         owned = OwnedHub(options, ownership)
-        hub = await owned.start()
+        hub = await owned.start(advertise_later=channel is not None)
         banner.owner(options, owned)
         hub.on_failure(lambda _: stop.set())
         if channel is None:
@@ -150,6 +175,8 @@ async def serve(options: ServeOptions) -> int:
     relay: HttpRelay | None = None
     if options.http is not None:
         # The public endpoint relays to whoever owns the log; a takeover here must not bind it again.
+        from fsm_hub.serve.relay import HttpRelay
+
         relay = HttpRelay(
             *options.http, ownership.read, limits=options.limits, call_timeout=options.timing.call_timeout
         )
@@ -271,6 +298,8 @@ async def _attach(
     channel: StdioChannel, options: ServeOptions, ownership: Ownership, stop: asyncio.Event
 ) -> int:
     """Relay the stdio client to the owner; take over (or follow a new owner) when it exits."""
+    from fsm_hub.serve.bridge import Bridge, OwnerGone
+
     owner = await _wait_for_owner(ownership)
     if owner is None:
         return await _take_over_or_fail(channel, options, ownership, stop, set())
@@ -425,6 +454,11 @@ async def _take_over_or_fail(
     hub.on_failure(lambda _: stop.set())
     code = await _serve_stdio(channel, owned, _stdio_session(hub, channel, options), stop, tasks)
     return _exit_code(hub) or code
+
+
+def _advertised(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("fsm-hub: the endpoint for attaching processes did not start: %s", error)
 
 
 def _exit_code(hub: Hub) -> int:

@@ -15,9 +15,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from fsm_hub import __version__
 from fsm_hub.core.events import HUB_STREAM, EventType, StoredEvent
@@ -58,6 +56,9 @@ from fsm_hub.supervision.supervisor import (
     backoff_delay,
     timer,
 )
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +137,6 @@ class Hub:
         """
         self._started = time.monotonic()
         if self._connector is None:
-            self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
-                timeout=aiohttp.ClientTimeout(total=None),
-            )
             self._connector = self._default_connector
         folded = await self.store.load_fold()
         self._fold = folded.fold
@@ -246,7 +243,19 @@ class Hub:
     def _default_connector(self, url: str) -> Any:
         from fsm_hub.mcp.upstream import McpClient
 
-        return McpClient(url, session=self._http, timeout=self.timing.call_timeout)
+        return McpClient(url, session=self._http_session(), timeout=self.timing.call_timeout)
+
+    def _http_session(self) -> aiohttp.ClientSession:
+        """The HTTP clients' one connection pool, made when the first HTTP client is: a hub with
+        only stdio servers (or none yet) never imports aiohttp before its first answer."""
+        if self._http is None:
+            import aiohttp
+
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+        return self._http
 
     # -- discovery → supervisors ------------------------------------------------------------
 
@@ -400,7 +409,10 @@ class Hub:
         if spec.kind == "http":
             assert spec.url is not None
             return McpClient(
-                spec.url, session=self._http, timeout=self.timing.call_timeout, headers=spec.headers.reveal()
+                spec.url,
+                session=self._http_session(),
+                timeout=self.timing.call_timeout,
+                headers=spec.headers.reveal(),
             )
         assert spec.command is not None
 
@@ -678,7 +690,7 @@ class Hub:
             return StdioSessions.of(shared).open(handshake)
         return McpClient(
             spec.url if spec is not None and spec.url else supervisor.url,
-            session=self._http,
+            session=self._http_session(),
             timeout=self.timing.call_timeout,
             client_info=client_info,
             capabilities=capabilities,

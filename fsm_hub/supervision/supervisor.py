@@ -24,7 +24,6 @@ from fsm_hub.errors import (
     TransportError,
 )
 from fsm_hub.mcp.protocol import as_call_tool_result, usable_tools
-from fsm_hub.mcp.upstream import McpClient
 from fsm_hub.store.recorder import fire
 
 log = logging.getLogger(__name__)
@@ -617,7 +616,7 @@ class Supervisor:
         A stdio instance's notifications share one pipe with the answers (pings, tools/list), so
         its reader is never paused there; its storms are still coalesced.
         """
-        receiver = self._heard if isinstance(client, McpClient) else self._notice
+        receiver = self._heard if getattr(client, "notifications_apart", False) else self._notice
         self._listener = client.listen(receiver)
         self._listener.add_done_callback(_retrieve)
 

@@ -41,6 +41,7 @@ from fsm_hub.mcp.session import METHODS, Session, request_emit
 from fsm_hub.supervision.hub import Hub
 from fsm_hub.transports.connections import ConnectionGuard, retrieve
 from fsm_hub.transports.dashboard import Dashboard
+from fsm_hub.transports.limits import HttpLimits
 from fsm_hub.transports.resumable import ResumableStream, parse_event_id
 
 log = logging.getLogger(__name__)
@@ -59,28 +60,6 @@ POST_EVENTS: Final = 1024
 """Events a POST stream keeps (oldest dropped) until its answer is delivered."""
 GET_STREAM: Final = "get"
 """The key of a session's GET stream in its event ids (`get-<n>`; POST streams are `p<k>-<n>`)."""
-
-
-@dataclass(frozen=True, slots=True)
-class HttpLimits:
-    """What one endpoint allows; the defaults are the documented ones."""
-
-    session_idle: float = 1800.0
-    """Seconds a session may go without a request or an open stream before it is closed."""
-    max_sessions: int = 1000
-    """Live sessions; beyond it `initialize` gets 503."""
-    max_connections: int = 256
-    """Open TCP connections; beyond it a new connection gets 503 and is closed."""
-    head_timeout: float = 10.0
-    """Seconds a new connection may take to send its first request head."""
-    idle_timeout: float = 60.0
-    """Seconds a keep-alive connection may wait for (or dribble) its next request head."""
-    body_timeout: float = 30.0
-    """Seconds a request body may take to arrive."""
-    max_body: int = jsonrpc.MAX_MESSAGE
-    stream_keep: float = 300.0
-    """Seconds a POST stream whose connection dropped is kept, once its call has ended, for a
-    client to resume it (with `Last-Event-ID`) and get the answer."""
 
 
 @dataclass(slots=True)

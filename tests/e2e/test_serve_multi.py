@@ -156,6 +156,7 @@ async def test_an_idle_attached_process_takes_over_at_once(lab: Lab, how: signal
 async def test_a_stale_owner_file_does_not_hold_up_the_next_hub(lab: Lab) -> None:
     owner = await RawHub.start(lab)
     await owner.initialize()
+    await eventually(lambda: owner_pid(lab) == owner.process.pid)
     owner.process.kill()  # leaves <db>.owner.json behind, naming a dead endpoint
     await owner.process.wait()
     assert owner_pid(lab) == owner.process.pid
@@ -163,7 +164,8 @@ async def test_a_stale_owner_file_does_not_hold_up_the_next_hub(lab: Lab) -> Non
     try:
         answer = await successor.initialize()
         assert answer["result"]["serverInfo"]["name"] == "fsm-hub"
-        assert owner_pid(lab) == successor.process.pid
+        # The private endpoint is advertised just after the first answers (imported in a thread).
+        await eventually(lambda: owner_pid(lab) == successor.process.pid)
         exit_code, stderr = await successor.close()
     finally:
         await _kill(successor)
