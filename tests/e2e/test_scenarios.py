@@ -15,6 +15,7 @@ from mcp import Client, ClientSession
 from mcp.client.stdio import stdio_client
 
 from tests.e2e.lab import Lab, Notifications, all_active, eventually, state_is, transitions
+from tests.servers.sdk_server import TOOLS as SDK_TOOLS
 
 
 async def test_hub_routes_a_session_and_records_why_instances_die_and_return(lab: Lab) -> None:
@@ -75,13 +76,13 @@ async def test_hub_routes_a_session_and_records_why_instances_die_and_return(lab
 
     assert transitions(lab, "api") == [
         ("connect", "discovered", "connecting", "discovered"),
-        ("connected", "connecting", "active", "handshake ok (MCP 2025-11-25, 6 tools)"),
+        ("connected", "connecting", "active", f"handshake ok (MCP 2025-11-25, {len(SDK_TOOLS)} tools)"),
         ("remove", "active", "dead", f"process {api.process.pid} is gone"),
         ("rediscover", "dead", "discovered",
          f"re-announced: port {api.port} → {restarted.port}, pid {api.process.pid} → "
          f"{restarted.process.pid}, url {api.url} → {restarted.url}"),
         ("connect", "discovered", "connecting", "discovered"),
-        ("connected", "connecting", "active", "handshake ok (MCP 2025-11-25, 6 tools)"),
+        ("connected", "connecting", "active", f"handshake ok (MCP 2025-11-25, {len(SDK_TOOLS)} tools)"),
     ]  # fmt: skip
 
     # A new hub on the same log: live instances come back through discovered ("hub restart").

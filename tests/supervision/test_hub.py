@@ -29,6 +29,7 @@ from fsm_hub.supervision.hub import Hub
 from fsm_hub.supervision.supervisor import DEFAULT_TIMING, Timing
 from tests.servers.faults import FakeMcp, Hang, free_port
 from tests.servers.launch import SdkServerFactory, spawn_sdk_server, stop
+from tests.servers.sdk_server import TOOLS as SDK_TOOLS
 from tests.supervision import (
     Committed,
     ManualClock,
@@ -338,14 +339,14 @@ async def test_stop_records_only_hub_stopped_and_a_restart_reconciles(
         for stream in ("kept", "vanishes", "orphan", "returns")
     }
     assert reasons == {
-        "kept": ["hub restart", "discovered", "handshake ok (MCP 2025-11-25, 6 tools)"],
+        "kept": ["hub restart", "discovered", f"handshake ok (MCP 2025-11-25, {len(SDK_TOOLS)} tools)"],
         "vanishes": ["hub restart", "instance file gone while the hub was stopped"],
         "orphan": ["hub restart", f"process {sleeper.pid} is gone"],
         "returns": [
             "instance file removed",
             f"re-announced: port {port_of(stateless)} → {port_of(sse)}, url {stateless} → {sse}",
             "discovered",
-            "handshake ok (MCP 2025-11-25, 6 tools)",
+            f"handshake ok (MCP 2025-11-25, {len(SDK_TOOLS)} tools)",
         ],
     }
     hub_events = [e["type"] for e in cli_events(lab.db, HUB_STREAM)]
