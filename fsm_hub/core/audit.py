@@ -94,8 +94,8 @@ def audit_rows(
 ) -> Audit:
     """`audit` over raw rows, as sqlite3 hands them over (`replay --verify`).
 
-    The loop runs once per event, so it is kept flat: no row objects; the chain's canonical
-    bytes built in one f-string with the stream's part cached; each distinct transition payload
+    The loop runs once per event, so it is kept flat: no row objects; the chain link made with
+    the stream's part of its canonical bytes kept per stream; each distinct transition payload
     decoded and looked up in the legality table once (payloads repeat); the fold's per-instance
     state changed in place.
     """

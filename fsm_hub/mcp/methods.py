@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from fsm_hub.errors import McpError
+from fsm_hub.errors import McpError, TransportError
+from fsm_hub.mcp.jsonrpc import snippet
 from fsm_hub.mcp.protocol import as_call_tool_result, call_tool_params, list_all_tools
 
 OnMessage = Callable[[dict[str, Any]], Awaitable[None] | None]
@@ -13,7 +14,7 @@ OnMessage = Callable[[dict[str, Any]], Awaitable[None] | None]
 
 
 class UpstreamMethods:
-    """`ping`, `list_tools` and `call_tool` on top of a transport's `_call` and `request`."""
+    """`request`, `ping`, `list_tools` and `call_tool` on top of a transport's `_call`."""
 
     @property
     def peer(self) -> str:
@@ -37,7 +38,11 @@ class UpstreamMethods:
         timeout: float | None = None,
         on_message: OnMessage | None = None,
     ) -> dict[str, Any]:
-        raise NotImplementedError
+        """Send a JSON-RPC request and return its ``result``; JSON-RPC errors raise McpError."""
+        result = await self._call(method, params, timeout, on_message)
+        if not isinstance(result, dict):
+            raise TransportError(f"{self.peer} answered {method} with {snippet(result)}")
+        return result
 
     async def ping(self, timeout: float | None = None) -> None:
         """Return if the server answers at all; raise TransportError if it cannot be reached."""

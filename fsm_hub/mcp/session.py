@@ -106,10 +106,10 @@ class Session:
         self.instance_ref = instance
         """Set on a per-instance endpoint: the id or name of its one instance."""
         self._upstreams: dict[str, ClientUpstream] = {}
+        """This client's own upstream session with each instance it talks to."""
         self._kept: dict[str, KeptState] = {}
         """Per instance: this client's subscriptions and level, outliving an upstream session
         that ended with its instance (replayed into the next one)."""
-        """This client's own upstream session with each instance it talks to."""
         self._server_requests: dict[str, tuple[ClientUpstream, Any]] = {}
         """Hub id of a relayed instance request → (the upstream that asked, its own id)."""
         self._next_server_request = 0

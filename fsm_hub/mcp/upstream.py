@@ -230,20 +230,6 @@ class McpClient(UpstreamMethods):
 
     # -- requests --------------------------------------------------------------------------
 
-    async def request(
-        self,
-        method: str,
-        params: Mapping[str, Any] | None = None,
-        *,
-        timeout: float | None = None,
-        on_message: OnMessage | None = None,
-    ) -> dict[str, Any]:
-        """Send a JSON-RPC request and return its ``result``; JSON-RPC errors raise McpError."""
-        result = await self._call(method, params, timeout, on_message)
-        if not isinstance(result, dict):
-            raise TransportError(f"{self.url} answered {method} with {snippet(result)}")
-        return result
-
     async def call(
         self,
         method: str,

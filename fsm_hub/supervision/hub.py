@@ -68,7 +68,8 @@ short enough that the hub's own stop (a client gives it a few seconds) ends ever
 
 DEFAULT_START_LIMIT = max(4, 2 * (os.cpu_count() or 1))
 """Configured stdio servers starting (spawn + handshake) at once; the others wait for a slot
-before their connect timeout starts. Measured in tools/bench_configured.py: see the README."""
+before their start timeout (`Timing.start_timeout`) runs. Measured in
+tools/bench_configured.py: see the README."""
 
 InstanceListener = Callable[[str], None]
 DISCOVERY_CHUNK = 100
