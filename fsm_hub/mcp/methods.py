@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -9,8 +11,24 @@ from fsm_hub.errors import McpError, TransportError
 from fsm_hub.mcp.jsonrpc import snippet
 from fsm_hub.mcp.protocol import as_call_tool_result, call_tool_params, list_all_tools
 
+log = logging.getLogger(__name__)
+
 OnMessage = Callable[[dict[str, Any]], Awaitable[None] | None]
 """Receives server notifications and server requests seen on a stream (sync or async)."""
+
+
+async def deliver(receiver: OnMessage, message: dict[str, Any]) -> None:
+    """Hand `message` to `receiver` (awaiting it if it is async).
+
+    A broken receiver must not fail the stream or request it was reading: one line, no
+    traceback (stderr is the user's, stdout the protocol's).
+    """
+    try:
+        outcome = receiver(message)
+        if inspect.isawaitable(outcome):
+            await outcome
+    except Exception as exc:
+        log.error("fsm-hub: relaying %s failed: %s: %s", message.get("method"), type(exc).__name__, exc)
 
 
 class UpstreamMethods:

@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, ClassVar, Final
 
 from fsm_hub.errors import McpError, TransportError
-from fsm_hub.mcp.methods import OnMessage
+from fsm_hub.mcp.methods import OnMessage, deliver
 from fsm_hub.mcp.stdio_upstream import StdioClient
 
 log = logging.getLogger(__name__)
@@ -379,12 +378,7 @@ class SharedStdioSession:
 
     async def _deliver(self, on_message: OnMessage) -> None:
         while (message := await self._queue.get()) is not None:
-            try:
-                outcome = on_message(message)
-                if inspect.isawaitable(outcome):
-                    await outcome
-            except Exception:
-                log.exception("a client's receiver failed on %s", message.get("method"))
+            await deliver(on_message, message)
 
     async def close(self) -> None:
         """This client is gone: it stops receiving, and gives up its subscriptions and level."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ from fsm_hub import __version__
 from fsm_hub.errors import LOCAL_ERRNOS, LocalResourceError, TransportError
 from fsm_hub.mcp.jsonrpc import request as _encode
 from fsm_hub.mcp.jsonrpc import result_of, snippet
-from fsm_hub.mcp.methods import OnMessage, UpstreamMethods
+from fsm_hub.mcp.methods import OnMessage, UpstreamMethods, deliver
 from fsm_hub.mcp.protocol import LATEST as PROTOCOL_VERSION
 from fsm_hub.mcp.protocol import PROTOCOL_VERSIONS as SUPPORTED_PROTOCOL_VERSIONS
 
@@ -494,7 +493,7 @@ class StdioClient(UpstreamMethods):
         progress = self._progress_receiver(message)
         receiver = progress or self._receiver_for(message)
         if receiver is not None:
-            await _deliver(receiver, message)
+            await deliver(receiver, message)
         if "id" in message:
             await self._answer_server_request(message)
         elif progress is None and self._taps:
@@ -590,15 +589,6 @@ class StdioClient(UpstreamMethods):
     def _stop_listening(self, task: asyncio.Task[None]) -> None:
         if task is self._listening:
             self._listener = None
-
-
-async def _deliver(receiver: OnMessage, message: dict[str, Any]) -> None:
-    try:
-        outcome = receiver(message)
-        if inspect.isawaitable(outcome):
-            await outcome
-    except Exception:
-        log.exception("on_message receiver failed for %s", message.get("method"))
 
 
 def _progress_token(params: Mapping[str, Any] | None) -> object:

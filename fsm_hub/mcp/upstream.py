@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import inspect
 import logging
 import os
 from collections.abc import Mapping
@@ -27,7 +26,7 @@ from fsm_hub.errors import (
 )
 from fsm_hub.mcp import jsonrpc
 from fsm_hub.mcp.jsonrpc import JsonRpcDecodeError, answers, error_of, result_of, snippet
-from fsm_hub.mcp.methods import OnMessage, UpstreamMethods
+from fsm_hub.mcp.methods import OnMessage, UpstreamMethods, deliver
 from fsm_hub.mcp.protocol import (
     CLIENT_INFO,
     LATEST,
@@ -530,16 +529,8 @@ class McpClient(UpstreamMethods):
 
     async def _deliver(self, message: dict[str, Any], on_message: OnMessage | None) -> None:
         receiver = on_message or self.on_message
-        if receiver is None:
-            return
-        try:
-            outcome = receiver(message)
-            if inspect.isawaitable(outcome):
-                await outcome
-        except Exception as exc:
-            # A broken receiver must not fail the request whose stream it was reading; one line,
-            # no traceback (stderr is the user's, stdout the protocol's).
-            log.error("fsm-hub: relaying %s failed: %s: %s", message.get("method"), type(exc).__name__, exc)
+        if receiver is not None:
+            await deliver(receiver, message)
 
     # -- standalone stream -----------------------------------------------------------------
 
